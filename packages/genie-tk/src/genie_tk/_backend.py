@@ -1,0 +1,124 @@
+"""Extension loading, backend availability and per-call backend selection.
+
+The compiled extension ``genie_tk._C`` is imported here and only here. Backends:
+
+* ``tk``: ThunderKittens kernels from ``genie_tk._C`` (CUDA, sm_90a);
+* ``torch``: memory-efficient pure PyTorch (chunked, recomputing in backward);
+* ``reference``: the plain oracle in :mod:`genie_tk.reference`.
+
+``backend=None`` reads ``GENIE_TK_BACKEND`` (default ``auto``). ``auto`` takes
+``tk`` where the inputs are eligible and otherwise falls back to ``torch`` with a
+single :class:`BackendFallbackWarning` per reason; naming a backend that cannot
+run the call raises with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("tk", "torch", "reference")
+ENV_VAR = "GENIE_TK_BACKEND"
+
+try:  # the extension is optional: a CPU-only wheel has none
+    from genie_tk import _C  # type: ignore[attr-defined]
+
+    HAS_EXTENSION = True
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = str(exc) or type(exc).__name__
+
+# Kernels register themselves here (op name -> eligibility check) when the
+# extension provides them. An op without an entry has no tk implementation yet.
+TK_KERNELS: dict[str, Callable[..., str]] = {}
+
+_WARNED: set[tuple[str, str]] = set()
+_LAST: dict[str, str] = {}
+
+
+class BackendFallbackWarning(UserWarning):
+    """The fast backend could not take a call and a slower exact one ran instead."""
+
+
+def _tk_unavailable_reason() -> str:
+    """Why the tk backend cannot run at all in this process ("" if it can)."""
+    if not HAS_EXTENSION:
+        return f"genie_tk._C is not built (CPU-only install: {_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    driver = _C.driver_status()
+    if driver:
+        return driver
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"the kernels are built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
+    return ""
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What each backend can do here: ``{name: {"available": bool, "reason": str, ...}}``."""
+    tk_reason = _tk_unavailable_reason()
+    info: dict[str, object] = {"available": not tk_reason, "reason": tk_reason}
+    if HAS_EXTENSION:
+        info["build"] = dict(_C.info())
+        info["ops"] = sorted(TK_KERNELS)
+    return {
+        "tk": info,
+        "torch": {"available": True, "reason": ""},
+        "reference": {"available": True, "reason": ""},
+    }
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the latest call of ``op`` in this process (``None`` before any)."""
+    return _LAST.get(op)
+
+
+def _requested(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = name.strip().lower()
+    if name not in ("auto", *BACKENDS):
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source}={name!r} is not a genie_tk backend; expected one of auto, tk, torch, reference")
+    return name
+
+
+def _tk_reason(op: str, *tensors: torch.Tensor | None, **shape_args) -> str:
+    """Why the tk backend cannot take this call ("" if it can)."""
+    reason = _tk_unavailable_reason()
+    if reason:
+        return reason
+    check = TK_KERNELS.get(op)
+    if check is None:
+        return f"no tk kernel for {op} in this build"
+    for t in tensors:
+        if t is not None and not t.is_cuda:
+            return f"inputs are on {t.device}, the tk kernels need CUDA tensors"
+    return check(*tensors, **shape_args)
+
+
+def select(op: str, backend: str | None, *tensors: torch.Tensor | None, **shape_args) -> str:
+    """Pick the backend for one call of ``op`` and record it."""
+    name = _requested(backend)
+    if name == "tk" or name == "auto":
+        reason = _tk_reason(op, *tensors, **shape_args)
+        if not reason:
+            name = "tk"
+        elif name == "tk":
+            raise RuntimeError(f"genie_tk: backend='tk' cannot run {op}: {reason}")
+        else:
+            name = "torch"
+            if (op, reason) not in _WARNED:
+                _WARNED.add((op, reason))
+                warnings.warn(
+                    f"genie_tk.{op}: using the torch backend because {reason}",
+                    BackendFallbackWarning,
+                    stacklevel=3,
+                )
+    _LAST[op] = name
+    return name

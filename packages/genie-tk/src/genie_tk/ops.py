@@ -1,0 +1,244 @@
+"""Public functional API of genie-tk: argument checks, backend dispatch.
+
+Three entry points, each with a ``backend=`` argument (``None`` reads
+``GENIE_TK_BACKEND``; see :mod:`genie_tk._backend`):
+
+* :func:`triangle_attention`: the attention core on head-major ``q, k, v``;
+* :func:`triangle_attention_layer`: OpenFold's whole ``TriangleAttention``
+  (LayerNorm, projections, attention, gate, output projection) from its weights;
+* :func:`triangle_multiplicative_update`: the whole tri-mul (Alg. 11/12).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genie_tk import reference, torch_backend
+from genie_tk._backend import select
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def _check_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}; move both to one device")
+
+
+def check_pair(name: str, z: torch.Tensor, channels: int | None = None) -> None:
+    """``z`` must be a floating ``[*, N, N, C]`` tensor (with ``C == channels`` if given)."""
+    _check_float(name, z)
+    if z.dim() < 3 or z.shape[-3] != z.shape[-2]:
+        raise ValueError(f"{name} must have shape [*, N, N, C] (two equal residue axes), got {tuple(z.shape)}")
+    if channels is not None and z.shape[-1] != channels:
+        raise ValueError(f"{name} has {z.shape[-1]} channels in its last axis, expected {channels}")
+
+
+def check_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device, name: str = "mask") -> None:
+    """``mask`` is ``None`` or a bool/floating tensor of ``shape`` (1 keep, 0 mask) on ``device``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a bool or floating tensor of 0/1 values, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    _check_device(device, **{name: mask})
+
+
+def triangle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    inf: float = 1e9,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Triangle attention core (AF2 Alg. 13, starting-node layout).
+
+    ``o[b,i,h,j] = Σ_k softmax_k(q[b,i,h,j]·k[b,i,h,k]·scale + mask_bias[b,i,k] + bias[b,h,j,k]) v[b,i,h,k]``
+
+    Args:
+        q, k, v: ``[B, I, H, J, D]``; row ``i`` is a batch axis shared by the three.
+        bias: ``[B, H, J, K]`` triangle bias, shared by every row ``i`` (differentiable).
+        mask: ``[B, I, K]`` bool or 0/1 float, 1 = keep, or ``None``. It becomes
+            OpenFold's finite bias ``inf * (mask - 1)``, so a fully masked row is
+            finite. Not differentiable.
+        scale: factor on ``q``; ``None`` divides by ``sqrt(D)``.
+        inf: magnitude of the mask bias (OpenFold: 1e9).
+        chunk_size: rows ``i`` per chunk for the torch backend (``None``: automatic).
+        backend: ``"auto"``, ``"tk"``, ``"torch"``, ``"reference"`` or ``None``.
+
+    Returns:
+        ``[B, I, H, J, D]`` in the dtype of ``q``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        _check_float(name, t)
+    if q.dim() != 5:
+        raise ValueError(f"q must have shape [B, I, H, J, D], got {tuple(q.shape)}")
+    b, n_i, h, n_j, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k and v must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(bias.shape) != (b, h, n_j, n_j):
+        raise ValueError(f"bias must have shape [B, H, J, K] = {(b, h, n_j, n_j)}, got {tuple(bias.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_device(q.device, k=k, v=v, bias=bias)
+    check_mask(mask, torch.Size((b, n_i, n_j)), q.device)
+    bias = bias.to(q.dtype)
+    name = select("triangle_attention", backend, q, k, v, bias, mask, head_dim=d)
+    if name == "reference":
+        return reference.triangle_attention(q, k, v, bias, mask, scale, inf)
+    if name == "torch":
+        return torch_backend.TriangleAttentionCore.apply(q, k, v, bias, mask, scale, inf, chunk_size)
+    raise AssertionError(name)  # tk kernels register in their own issue
+
+
+def triangle_attention_layer(
+    z: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    layer_norm_weight: torch.Tensor,
+    layer_norm_bias: torch.Tensor,
+    bias_weight: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    starting: bool = True,
+    inf: float = 1e9,
+    eps: float = 1e-5,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """OpenFold's ``TriangleAttention`` as a function of its weights.
+
+    Args:
+        z: ``[*, N, N, C]`` pair representation.
+        mask: ``[*, N, N]`` (1 keep, 0 pad) or ``None``.
+        layer_norm_weight, layer_norm_bias: ``[C]``.
+        bias_weight: ``[H, C]`` triangle-bias projection (``linear.weight``).
+        q_weight, k_weight, v_weight, gate_weight: ``[H·D, C]`` (``mha.linear_*``);
+            gate_bias ``[H·D]``; out_weight ``[C, H·D]``, out_bias ``[C]``.
+        starting: ``False`` computes the ending-node attention (Alg. 14): the
+            input and mask are transposed on entry and the output on exit.
+        chunk_size: rows per chunk (torch backend; ``None``: automatic).
+
+    Returns:
+        ``[*, N, N, C]``.
+    """
+    c = layer_norm_weight.shape[0]
+    check_pair("z", z, c)
+    n_h, hd = bias_weight.shape[0], q_weight.shape[0]
+    if hd % n_h:
+        raise ValueError(f"q_weight has {hd} rows, not a multiple of the {n_h} heads of bias_weight")
+    check_mask(mask, z.shape[:-1], z.device)
+    weights = (layer_norm_weight, layer_norm_bias, bias_weight, q_weight, k_weight, v_weight,
+               gate_weight, gate_bias, out_weight, out_bias)
+    _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})
+    name = select("triangle_attention_layer", backend, z, mask, head_dim=hd // n_h)
+    if name == "reference":
+        keys = ("layer_norm.weight", "layer_norm.bias", "linear.weight", "mha.linear_q.weight",
+                "mha.linear_k.weight", "mha.linear_v.weight", "mha.linear_g.weight",
+                "mha.linear_g.bias", "mha.linear_o.weight", "mha.linear_o.bias")
+        params = dict(zip(keys, weights))
+        return reference.triangle_attention_layer(z, mask, params, n_h, starting, inf, eps)
+    if name != "torch":
+        raise AssertionError(name)
+    if not starting:
+        z = z.transpose(-2, -3)
+        mask = None if mask is None else mask.transpose(-1, -2)
+    lead, (n, _, _) = z.shape[:-3], z.shape[-3:]
+    zb = z.reshape(-1, n, n, c)
+    mb = None if mask is None else mask.reshape(-1, n, n)
+    out = torch_backend.TriangleAttentionLayer.apply(zb, mb, *weights, inf, eps, chunk_size)
+    out = out.reshape(*lead, n, n, out.shape[-1])
+    return out if starting else out.transpose(-2, -3)
+
+
+_DIRECTIONS = ("outgoing", "incoming")
+
+
+def triangle_multiplicative_update(
+    z: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    direction: str = "outgoing",
+    *,
+    norm_in_weight: torch.Tensor,
+    norm_in_bias: torch.Tensor,
+    p_in_weight: torch.Tensor,
+    p_in_bias: torch.Tensor,
+    g_in_weight: torch.Tensor,
+    g_in_bias: torch.Tensor,
+    norm_out_weight: torch.Tensor,
+    norm_out_bias: torch.Tensor,
+    p_out_weight: torch.Tensor,
+    p_out_bias: torch.Tensor,
+    g_out_weight: torch.Tensor,
+    g_out_bias: torch.Tensor,
+    eps: float = 1e-5,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Triangle multiplicative update (AF2 Alg. 11 outgoing / Alg. 12 incoming).
+
+    ``zn = LN_in(z)``; ``[a | b] = mask · σ(zn G_inᵀ + g_in) ⊙ (zn P_inᵀ + p_in)``;
+    outgoing ``x_ij = Σ_k a_ik b_jk``, incoming ``x_ij = Σ_k a_ki b_kj`` (per channel);
+    ``out = σ(zn G_outᵀ + g_out) ⊙ (LN_out(x) P_outᵀ + p_out)``.
+
+    Args:
+        z: ``[*, N, N, C]``; mask: ``[*, N, N]`` (1 keep, 0 pad) or ``None``.
+        direction: ``"outgoing"`` or ``"incoming"``.
+        norm_in_weight, norm_in_bias: ``[C]``.
+        p_in_weight, g_in_weight: ``[2·Ch, C]``, rows ``[0, Ch)`` make ``a`` and
+            ``[Ch, 2·Ch)`` make ``b``; p_in_bias, g_in_bias ``[2·Ch]``.
+        norm_out_weight, norm_out_bias: ``[Ch]``.
+        p_out_weight: ``[C, Ch]``; g_out_weight ``[C, C]``; biases ``[C]``.
+        chunk_size: compute the output in blocks of this many rows (torch backend).
+
+    Returns:
+        ``[*, N, N, C]``.
+
+    In float16 (inputs or autocast) ``a`` and ``b`` are divided by their standard
+    deviations before a float32 contraction, as OpenFold does, so nothing overflows.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be 'outgoing' or 'incoming', got {direction!r}")
+    c = norm_in_weight.shape[0]
+    check_pair("z", z, c)
+    check_mask(mask, z.shape[:-1], z.device)
+    if p_in_weight.shape[0] % 2 or p_in_weight.shape != g_in_weight.shape:
+        raise ValueError(f"p_in_weight and g_in_weight must both be [2*c_hidden, {c}], got "
+                         f"{tuple(p_in_weight.shape)} and {tuple(g_in_weight.shape)}")
+    weights = (norm_in_weight, norm_in_bias, p_in_weight, p_in_bias, g_in_weight, g_in_bias,
+               norm_out_weight, norm_out_bias, p_out_weight, p_out_bias, g_out_weight, g_out_bias)
+    _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})
+    outgoing = direction == "outgoing"
+    name = select("triangle_multiplicative_update", backend, z, mask, hidden=p_in_weight.shape[0] // 2)
+    if name == "reference":
+        keys = ("layer_norm_in.weight", "layer_norm_in.bias", "linear_ab_p.weight", "linear_ab_p.bias",
+                "linear_ab_g.weight", "linear_ab_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
+                "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias")
+        return reference.triangle_multiplicative_update(z, mask, dict(zip(keys, weights)), outgoing, eps)
+    if name != "torch":
+        raise AssertionError(name)
+    lead, n = z.shape[:-3], z.shape[-2]
+    zb = z.reshape(-1, n, n, c)
+    mb = None if mask is None else mask.reshape(-1, n, n)
+    out = torch_backend.triangle_multiplicative_update(zb, mb, weights, outgoing, eps, chunk_size)
+    return out.reshape(*lead, n, n, out.shape[-1])

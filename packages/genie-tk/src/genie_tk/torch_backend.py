@@ -1,0 +1,279 @@
+"""The ``torch`` backend: exact, memory-efficient PyTorch implementations.
+
+Triangle attention never holds the ``[B, I, H, J, K]`` logits: rows ``i`` are
+processed in chunks, the forward keeps only the softmax log-normaliser
+(``[B, I, H, J]``), and the backward recomputes each chunk (flash-attention's
+scheme, in PyTorch). The whole attention *layer* (LayerNorm, projections,
+attention, gate, output projection) is one autograd node that saves only its
+input, the ``[B, H, N, N]`` triangle bias and the log-normaliser, so its memory
+for backward is O(N²·(C + H)) instead of O(N³·H); every O(N²·C) activation is
+recomputed chunk by chunk.
+
+Arithmetic follows OpenFold's order where it is observable in float64:
+``q / sqrt(D)`` first, then ``(q·k + mask_bias) + triangle_bias``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from genie_tk.reference import fp16_enabled
+
+# Elements of one chunk's logits ([B, c, H, J, K]); 2**22 floats is 16 MiB.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, the input dtype otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_chunk(rows: int, elements_per_row: int, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else what keeps a chunk near 16 MiB."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, min(rows, _CHUNK_ELEMENTS // max(1, elements_per_row)))
+
+
+def _spans(n: int, step: int):
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _scaled(q: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return q / math.sqrt(q.shape[-1]) if scale is None else q * scale
+
+
+def _logits(qs, k, bias, mask_bias):
+    """``(q·k + mask_bias) + bias`` in the accumulation dtype: ``[B, c, H, J, K]``."""
+    s = (qs @ k.transpose(-1, -2)).to(acc_dtype(qs.dtype))
+    if mask_bias is not None:
+        s = s + mask_bias[:, :, None, None, :]
+    return s + bias[:, None]
+
+
+def attention_chunk_forward(qs, k, v, bias, mask_bias):
+    """One chunk of rows: ``(o, stats)``, ``o`` ``[B, c, H, J, D]``, ``stats`` ``[B, c, H, J, 2]``.
+
+    ``stats`` holds the row maximum and the log of the row sum of ``exp(s - max)``.
+    They are kept apart rather than as one log-sum-exp: in a fully masked row
+    every logit is near -1e9, where a float64 log-sum-exp would be rounded to a
+    1.2e-7 grid and the recomputed probabilities would no longer sum to one.
+    """
+    s = _logits(qs, k, bias, mask_bias)
+    m = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1, keepdim=True)
+    return (e / total).to(v.dtype) @ v, torch.cat([m, total.log()], dim=-1)
+
+
+def attention_chunk_backward(qs, k, v, bias, mask_bias, o, stats, do, q_scale):
+    """Gradients of one chunk: ``(dq, dk, dv, dbias)``; ``dbias`` is summed over the chunk rows.
+
+    ``q_scale`` is the factor between ``q`` and ``qs`` (``d q = q_scale * d qs``).
+    """
+    p = torch.exp((_logits(qs, k, bias, mask_bias) - stats[..., :1]) - stats[..., 1:])
+    dv = p.to(do.dtype).transpose(-1, -2) @ do
+    dp = (do @ v.transpose(-1, -2)).to(p.dtype)
+    delta = (do.to(p.dtype) * o.to(p.dtype)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dbias = ds.sum(1)
+    ds = ds.to(qs.dtype)
+    return (ds @ k) * q_scale, ds.transpose(-1, -2) @ qs, dv, dbias
+
+
+def _mask_bias(mask: torch.Tensor | None, inf: float, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if mask is None else inf * (mask.to(dtype) - 1)
+
+
+class TriangleAttentionCore(torch.autograd.Function):
+    """Chunked triangle attention core; see :func:`genie_tk.triangle_attention` for shapes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, inf, chunk_size):
+        b, n_i, h, n_j, _ = q.shape
+        step = row_chunk(n_i, b * h * n_j * k.shape[-2], chunk_size)
+        mb = _mask_bias(mask, inf, acc_dtype(q.dtype))
+        o = torch.empty_like(q)
+        stats = q.new_empty((b, n_i, h, n_j, 2), dtype=acc_dtype(q.dtype))
+        for i0, i1 in _spans(n_i, step):
+            o[:, i0:i1], stats[:, i0:i1] = attention_chunk_forward(
+                _scaled(q[:, i0:i1], scale), k[:, i0:i1], v[:, i0:i1], bias,
+                None if mb is None else mb[:, i0:i1],
+            )
+        ctx.save_for_backward(q, k, v, bias, mb, o, stats)
+        ctx.scale, ctx.step = scale, step
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, bias, mb, o, stats = ctx.saved_tensors
+        q_scale = 1 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dbias = torch.zeros_like(bias, dtype=acc_dtype(bias.dtype))
+        for i0, i1 in _spans(q.shape[1], ctx.step):
+            dq[:, i0:i1], dk[:, i0:i1], dv[:, i0:i1], db = attention_chunk_backward(
+                _scaled(q[:, i0:i1], ctx.scale), k[:, i0:i1], v[:, i0:i1], bias,
+                None if mb is None else mb[:, i0:i1], o[:, i0:i1], stats[:, i0:i1],
+                do[:, i0:i1], q_scale,
+            )
+            dbias += db
+        return dq, dk, dv, dbias.to(bias.dtype), None, None, None, None
+
+
+def _layer_norm(z, weight, bias, eps):
+    """LayerNorm returning ``(x, mean, rstd)`` for the matching explicit backward."""
+    return torch.ops.aten.native_layer_norm(z, [z.shape[-1]], weight, bias, eps)
+
+
+def _layer_norm_backward(dx, z, mean, rstd, weight, bias):
+    return torch.ops.aten.native_layer_norm_backward(
+        dx, z, [z.shape[-1]], mean, rstd, weight, bias, [True, True, True]
+    )
+
+
+def _outer(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weight gradient of ``y = x Wᵀ``: ``dyᵀ x`` over all leading axes."""
+    return dy.reshape(-1, dy.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+
+
+class TriangleAttentionLayer(torch.autograd.Function):
+    """OpenFold ``TriangleAttention`` (starting-node layout) as one memory-efficient node.
+
+    Input ``z`` is ``[B, I, J, C]`` (the caller transposes for the ending node),
+    ``mask`` ``[B, I, J]`` or ``None``. Parameters in OpenFold's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, z, mask, ln_w, ln_b, w_bias, w_q, w_k, w_v, w_g, b_g, w_o, b_o, inf, eps,
+                chunk_size):
+        b, n_i, n_j, _ = z.shape
+        n_h, hd = w_bias.shape[0], w_q.shape[0]
+        w_in = torch.cat([w_q, w_k, w_v, w_g])
+        step = row_chunk(n_i, b * n_h * n_j * n_j, chunk_size)
+        bias = _triangle_bias(z, ln_w, ln_b, w_bias, eps, step)
+        mb = _mask_bias(mask, inf, acc_dtype(z.dtype))
+        out = z.new_empty(z.shape[:-1] + (w_o.shape[0],))
+        stats = z.new_empty((b, n_i, n_h, n_j, 2), dtype=acc_dtype(z.dtype))
+        for i0, i1 in _spans(n_i, step):
+            x = F.layer_norm(z[:, i0:i1], z.shape[-1:], ln_w, ln_b, eps)
+            q, k, v, g = _heads_split(x @ w_in.T, n_h, hd)
+            o, stats[:, i0:i1] = attention_chunk_forward(
+                _scaled(q, None), k, v, bias, None if mb is None else mb[:, i0:i1]
+            )
+            o = _merge_heads(o)
+            out[:, i0:i1] = F.linear(o * torch.sigmoid(g + b_g), w_o, b_o)
+        ctx.save_for_backward(z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias, stats)
+        ctx.eps, ctx.step, ctx.hd = eps, step, hd
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias, stats = ctx.saved_tensors
+        n_h, hd, eps = w_bias.shape[0], ctx.hd, ctx.eps
+        acc = acc_dtype(z.dtype)
+        q_scale = 1 / math.sqrt(hd // n_h)
+        dz = torch.empty_like(z)
+        d_ln_w, d_ln_b = torch.zeros_like(ln_w, dtype=acc), torch.zeros_like(ln_b, dtype=acc)
+        d_w_in = torch.zeros_like(w_in, dtype=acc)
+        d_b_g = torch.zeros_like(b_g, dtype=acc)
+        d_w_o = torch.zeros_like(w_o, dtype=acc)
+        d_b_o = torch.zeros(w_o.shape[0], dtype=acc, device=z.device)
+        d_bias = torch.zeros_like(bias, dtype=acc)
+        for i0, i1 in _spans(z.shape[1], ctx.step):
+            zc, dy = z[:, i0:i1], dout[:, i0:i1]
+            x, mean, rstd = _layer_norm(zc, ln_w, ln_b, eps)
+            q, k, v, g = _heads_split(x @ w_in.T, n_h, hd)
+            qs = _scaled(q, None)
+            mbc = None if mb is None else mb[:, i0:i1]
+            o_h, _ = attention_chunk_forward(qs, k, v, bias, mbc)
+            o = _merge_heads(o_h)
+            gate = torch.sigmoid(g + b_g)
+            d_w_o += _outer(dy, o * gate)
+            d_b_o += dy.sum((0, 1, 2), dtype=acc)
+            d_og = dy @ w_o
+            d_g = d_og * o * gate * (1 - gate)
+            d_o = (d_og * gate).unflatten(-1, (n_h, -1)).transpose(2, 3)
+            dq, dk, dv, db = attention_chunk_backward(
+                qs, k, v, bias, mbc, o_h, stats[:, i0:i1], d_o, q_scale
+            )
+            d_bias += db
+            d_proj = torch.cat([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv), d_g], -1)
+            d_w_in += _outer(d_proj, x)
+            d_b_g += d_g.sum((0, 1, 2), dtype=acc)
+            dz[:, i0:i1], dw, dbb = _layer_norm_backward(d_proj @ w_in, zc, mean, rstd, ln_w, ln_b)
+            d_ln_w += dw
+            d_ln_b += dbb
+        # The triangle bias reads every pair: its gradient is complete only now.
+        d_w_bias = torch.zeros_like(w_bias, dtype=acc)
+        for j0, j1 in _spans(z.shape[1], ctx.step):
+            zc = z[:, j0:j1]
+            x, mean, rstd = _layer_norm(zc, ln_w, ln_b, eps)
+            db = d_bias[:, :, j0:j1].permute(0, 2, 3, 1).to(z.dtype)  # [B, c, K, H]
+            d_w_bias += _outer(db, x)
+            dzc, dw, dbb = _layer_norm_backward(db @ w_bias, zc, mean, rstd, ln_w, ln_b)
+            dz[:, j0:j1] += dzc
+            d_ln_w += dw
+            d_ln_b += dbb
+        d_w_q, d_w_k, d_w_v, d_w_g = d_w_in.to(w_in.dtype).split(hd)
+        grads = (d_ln_w, d_ln_b, d_w_bias, d_w_q, d_w_k, d_w_v, d_w_g, d_b_g, d_w_o, d_b_o)
+        like = (ln_w, ln_b, w_bias, w_in, w_in, w_in, w_in, b_g, w_o, w_o)
+        grads = tuple(gr.to(ref.dtype) for gr, ref in zip(grads, like))
+        return (dz, None, *grads, None, None, None)
+
+
+def _triangle_bias(z, ln_w, ln_b, w_bias, eps, step):
+    """``[B, H, J, K]`` triangle bias ``LN(z) W_biasᵀ``, computed row chunk by row chunk."""
+    b, n_j, n_k, _ = z.shape
+    bias = z.new_empty((b, w_bias.shape[0], n_j, n_k))
+    for j0, j1 in _spans(n_j, step):
+        x = F.layer_norm(z[:, j0:j1], z.shape[-1:], ln_w, ln_b, eps)
+        bias[:, :, j0:j1] = (x @ w_bias.T).permute(0, 3, 1, 2)
+    return bias
+
+
+def _heads_split(proj, n_h, hd):
+    """``[B, c, J, 4·H·D]`` -> q, k, v as ``[B, c, H, J, D]`` and the gate pre-activation."""
+    q, k, v, g = proj.split(hd, dim=-1)
+    return (*(t.unflatten(-1, (n_h, -1)).transpose(2, 3) for t in (q, k, v)), g)
+
+
+def _merge_heads(t):
+    """``[B, c, H, J, D]`` -> ``[B, c, J, H·D]``."""
+    return t.transpose(2, 3).flatten(-2)
+
+
+def triangle_multiplicative_update(z, mask, weights, outgoing, eps, chunk_size):
+    """Tri-mul on ``[B, N, N, C]`` with channel-first batched matmuls.
+
+    ``weights`` is ``(ln_in_w, ln_in_b, p_in_w, p_in_b, g_in_w, g_in_b, ln_out_w,
+    ln_out_b, p_out_w, p_out_b, g_out_w, g_out_b)`` with the a/b projections
+    stacked (``[2·Ch, C]``). The projections are computed directly in channel-first
+    layout (``[B, 2·Ch, N·N]``) so the contraction needs no copy; ``chunk_size``
+    computes the output in blocks of rows so the ``[B, N, N, Ch]`` product is never
+    whole (inference memory).
+    """
+    (ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po_b, go_w, go_b) = weights
+    b, n, _, c = z.shape
+    ch = p_w.shape[0] // 2
+    zn = F.layer_norm(z, (c,), ln_w, ln_b, eps)
+    zf = zn.reshape(b, n * n, c).transpose(1, 2)  # [B, C, N·N]
+    ab = torch.sigmoid(g_w @ zf + g_b[:, None]) * (p_w @ zf + p_b[:, None])  # [B, 2Ch, N·N]
+    if mask is not None:
+        ab = ab * mask.reshape(b, 1, n * n).to(ab.dtype)
+    a, bb = ab.view(b, 2 * ch, n, n).split(ch, dim=1)
+    if fp16_enabled(z) and bool(a.std() != 0) and bool(bb.std() != 0):
+        a, bb = (a / a.std()).float(), (bb / bb.std()).float()
+    gate = torch.sigmoid(F.linear(zn, go_w, go_b))
+    step = n if chunk_size is None else max(1, int(chunk_size))
+    blocks = []
+    for i0, i1 in _spans(n, step):
+        if outgoing:  # x[c, i, j] = Σ_k a[c, i, k] b[c, j, k]
+            x = a[:, :, i0:i1] @ bb.transpose(-1, -2)
+        else:  # x[c, i, j] = Σ_k a[c, k, i] b[c, k, j]
+            x = a[:, :, :, i0:i1].transpose(-1, -2) @ bb
+        x = F.layer_norm(x.permute(0, 2, 3, 1).to(zn.dtype), (ch,), lo_w, lo_b, eps)
+        blocks.append(F.linear(x, po_w, po_b) * gate[:, i0:i1])
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
