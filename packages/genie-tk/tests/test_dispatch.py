@@ -1,0 +1,70 @@
+"""Backend selection: backend=, GENIE_TK_BACKEND, fallback warning, errors, backends()."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import genie_tk
+from genie_tk import _backend
+from genie_tk.testing import build
+
+
+@pytest.fixture
+def module():
+    return build(genie_tk.TriangleMultiplicationOutgoing, 8, 4, 0, seed=0)
+
+
+def test_backends_report():
+    info = genie_tk.backends()
+    assert set(info) == {"tk", "torch", "reference"}
+    assert info["torch"]["available"] and info["reference"]["available"]
+    if not torch.cuda.is_available():
+        assert info["tk"]["available"] is False
+        assert isinstance(info["tk"]["reason"], str) and info["tk"]["reason"]
+
+
+@pytest.mark.parametrize("name", ["torch", "reference"])
+def test_environment_variable_selects_backend(monkeypatch, module, name):
+    monkeypatch.setenv("GENIE_TK_BACKEND", name)
+    module(torch.randn(1, 5, 5, 8, dtype=torch.float64))
+    assert genie_tk.last_backend("triangle_multiplicative_update") == name
+
+
+def test_argument_overrides_environment(monkeypatch):
+    monkeypatch.setenv("GENIE_TK_BACKEND", "reference")
+    q = torch.randn(1, 3, 1, 3, 4)
+    genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3), backend="torch")
+    assert genie_tk.last_backend("triangle_attention") == "torch"
+
+
+def test_unknown_backend_raises(monkeypatch, module):
+    z = torch.randn(1, 5, 5, 8, dtype=torch.float64)
+    module.backend = "cuda-fast"
+    with pytest.raises(ValueError, match="backend='cuda-fast'"):
+        module(z)
+    module.backend = None
+    monkeypatch.setenv("GENIE_TK_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="GENIE_TK_BACKEND='bogus'"):
+        module(z)
+
+
+def test_forced_tk_on_cpu_raises_with_reason(module):
+    module.backend = "tk"
+    with pytest.raises(RuntimeError, match="backend='tk' cannot run triangle_multiplicative_update: .+"):
+        module(torch.randn(1, 5, 5, 8, dtype=torch.float64))
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch, module):
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    z = torch.randn(1, 5, 5, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module(z)
+        module(z)
+    fallbacks = [w for w in caught if issubclass(w.category, genie_tk.BackendFallbackWarning)]
+    assert len(fallbacks) == 1
+    assert "torch backend because" in str(fallbacks[0].message)
+    assert genie_tk.last_backend("triangle_multiplicative_update") == "torch"
