@@ -4,7 +4,8 @@
   parametrised with ``device="cuda"``) and skipped where no GPU is present, so CI
   runs ``-m "not cuda"`` and a GPU visit runs ``-m cuda``.
 * ``shared_dir`` points at the project's ``../shared`` folder (reference fixtures
-  and data) and skips cleanly when it is absent, as on a user's machine.
+  and data) and skips cleanly when it is absent, as on a user's machine. Tests
+  that use it are marked ``crosstest`` (``nox -s crosstest`` runs them).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.crosstest)
         if _wants_cuda(item):
             item.add_marker(pytest.mark.cuda)
             if not has_cuda:

@@ -53,7 +53,7 @@ def test_unknown_backend_raises(monkeypatch, module):
 
 def test_forced_tk_on_cpu_raises_with_reason(module):
     module.backend = "tk"
-    with pytest.raises(RuntimeError, match="backend='tk' cannot run triangle_multiplicative_update: .+"):
+    with pytest.raises(RuntimeError, match=r"backend='tk' cannot run triangle_multiplicative_update: .+"):
         module(torch.randn(1, 5, 5, 8, dtype=torch.float64))
 
 

@@ -20,7 +20,11 @@ from genie_tk.modules import (
     TriangleMultiplicationIncoming,
     TriangleMultiplicationOutgoing,
 )
-from genie_tk.ops import triangle_attention, triangle_attention_layer, triangle_multiplicative_update
+from genie_tk.ops import (
+    triangle_attention,
+    triangle_attention_layer,
+    triangle_multiplicative_update,
+)
 
 __version__ = "0.1.0"
 

@@ -155,7 +155,7 @@ class TriangleAttentionLayer(torch.autograd.Function):
         step = row_chunk(n_i, b * n_h * n_j * n_j, chunk_size)
         bias = _triangle_bias(z, ln_w, ln_b, w_bias, eps, step)
         mb = _mask_bias(mask, inf, acc_dtype(z.dtype))
-        out = z.new_empty(z.shape[:-1] + (w_o.shape[0],))
+        out = z.new_empty((*z.shape[:-1], w_o.shape[0]))
         stats = z.new_empty((b, n_i, n_h, n_j, 2), dtype=acc_dtype(z.dtype))
         for i0, i1 in _spans(n_i, step):
             x = F.layer_norm(z[:, i0:i1], z.shape[-1:], ln_w, ln_b, eps)

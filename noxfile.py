@@ -1,0 +1,57 @@
+"""Developer sessions. ``nox`` runs the cheap defaults (lint, tests).
+
+* ``tests``: both packages, every test that needs no GPU (``-m "not cuda"``).
+* ``crosstest``: genie-tk against OpenFold's and flash-genie against Genie's
+  recorded outputs (``../shared/fixtures``).
+* ``lint``: ruff.
+* ``gpu``: the GPU tests (``-m cuda``) on a machine with one.
+
+torch is installed first, pinned to the CPU build where one is provided
+(``TORCH_SPEC``), so that resolving the packages never pulls CUDA wheels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test]")
+
+
+def install(session: nox.Session) -> None:
+    session.install(TORCH_SPEC)
+    session.install(*PACKAGES)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Both packages' tests that need no GPU."""
+    install(session)
+    session.run("pytest", "-m", "not cuda", *session.posargs)
+
+
+@nox.session
+def crosstest(session: nox.Session) -> None:
+    """Exactness against the original OpenFold and Genie outputs."""
+    install(session)
+    session.run("pytest", "-m", "crosstest and not cuda", *session.posargs)
+
+
+@nox.session(reuse_venv=True)
+def lint(session: nox.Session) -> None:
+    """Static checks."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(default=False)
+def gpu(session: nox.Session) -> None:
+    """GPU tests; run where a CUDA GPU is present (kernels build when nvcc and
+    ThunderKittens are found, see README)."""
+    install(session)
+    session.run("pytest", "-m", "cuda", *session.posargs)
