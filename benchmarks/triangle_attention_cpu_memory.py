@@ -1,9 +1,11 @@
 """Peak memory and time of one TriangleAttention forward+backward on the CPU:
 genie-tk's ``torch`` backend against the ``reference`` backend.
 
-Each measurement runs in a fresh subprocess; peak memory is the growth of the
-process's peak resident set (``ru_maxrss``) over what it held once the inputs
-and the module existed, so it counts everything the pass allocates.
+Peak memory: each backend runs once in a fresh subprocess, and the figure is the
+growth of the process's peak resident set (``ru_maxrss``) over what it held once
+the inputs and the module existed, so it counts everything the pass allocates.
+Time: both backends in this process, alternating, median of ``--repeats`` rounds,
+so that load from other processes affects both alike.
 
     python benchmarks/triangle_attention_cpu_memory.py --n 384 --c-z 128
 """
@@ -11,39 +13,50 @@ and the module existed, so it counts everything the pass allocates.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import resource
 import subprocess
 import sys
+import time
+
+import torch
+
+import genie_tk
+
+BACKENDS = ("reference", "torch")
 
 
-def _measure(backend: str, n: int, c_z: int, heads: int, head_dim: int, repeats: int) -> dict:
-    import resource
-    import time
-
-    import torch
-
-    import genie_tk
-
+def _setup(backend: str, n: int, c_z: int, heads: int, head_dim: int):
     torch.manual_seed(0)
     module = genie_tk.TriangleAttentionStartingNode(c_z, head_dim, heads)
-    for p in module.parameters():  # zero-initialised gates would make the pass trivial
-        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():  # zero-initialised gates would make the pass trivial
+        for p in module.parameters():
+            p.normal_(std=0.1)
     module.backend = backend
     z = torch.randn(1, n, n, c_z, requires_grad=True)
     mask = (torch.rand(1, n, n) > 0.1).float()
-    g = torch.randn(1, n, n, c_z)
+    cotangent = torch.randn(1, n, n, c_z)
+    return module, z, mask, cotangent
+
+
+def _step(module, z, mask, cotangent) -> float:
+    t0 = time.perf_counter()
+    (module(z, mask=mask) * cotangent).sum().backward()
+    elapsed = time.perf_counter() - t0
+    z.grad = None
+    module.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def _peak_mib(backend: str, args) -> float:
+    """Run in a child process: the pass's peak memory in MiB."""
+    case = _setup(backend, args.n, args.c_z, args.heads, args.head_dim)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        (module(z, mask=mask) * g).sum().backward()
-        times.append(time.perf_counter() - t0)
-        z.grad = None
-        module.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times.sort()
-    return {"backend": backend, "peak_mib": (peak - base) / 1024, "median_s": times[len(times) // 2],
-            "times_s": times}
+    _step(*case)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
 def main() -> None:
@@ -52,27 +65,44 @@ def main() -> None:
     ap.add_argument("--c-z", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the results to this file")
-    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._child:
-        print(json.dumps(_measure(args._child, args.n, args.c_z, args.heads, args.head_dim, args.repeats)))
+    if args.child:
+        print(json.dumps(_peak_mib(args.child, args)))
         return
-    results = []
-    for backend in ("reference", "torch"):
-        cmd = [sys.executable, __file__, "--_child", backend, "--n", str(args.n), "--c-z", str(args.c_z),
-               "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    ref, tor = results
-    print(f"TriangleAttention fwd+bwd, CPU fp32, B=1, N={args.n}, c_z={args.c_z}, H={args.heads}, d={args.head_dim}")
-    for r in results:
-        print(f"  {r['backend']:9s}  peak {r['peak_mib']:8.1f} MiB   median {r['median_s']:.3f} s")
-    print(f"  torch/reference: memory {tor['peak_mib'] / ref['peak_mib']:.2f}x, time {tor['median_s'] / ref['median_s']:.2f}x")
+
+    peak = {}
+    for backend in BACKENDS:
+        cmd = [sys.executable, __file__, "--child", backend, "--n", str(args.n), "--c-z", str(args.c_z),
+               "--heads", str(args.heads), "--head-dim", str(args.head_dim)]
+        peak[backend] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    cases = {b: _setup(b, args.n, args.c_z, args.heads, args.head_dim) for b in BACKENDS}
+    times = {b: [] for b in BACKENDS}
+    for b in BACKENDS:  # warm-up
+        _step(*cases[b])
+    for _ in range(args.repeats):
+        for b in BACKENDS:
+            times[b].append(_step(*cases[b]))
+    median = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+
+    print(f"TriangleAttention fwd+bwd, CPU {torch.get_default_dtype()}, B=1, N={args.n}, "
+          f"c_z={args.c_z}, H={args.heads}, d={args.head_dim}")
+    for b in BACKENDS:
+        print(f"  {b:9s}  peak {peak[b]:8.1f} MiB   median {median[b]:.3f} s")
+    print(f"  torch/reference: memory {peak['torch'] / peak['reference']:.2f}x, "
+          f"time {median['torch'] / median['reference']:.2f}x")
     if args.json:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        env = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(), "commit": commit,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "child")}
+        results = [{"backend": b, "peak_mib": peak[b], "median_s": median[b], "times_s": times[b]}
+                   for b in BACKENDS]
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args) | {"_child": None}, "results": results}, f, indent=2)
+            json.dump({"environment": env, "config": config, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
