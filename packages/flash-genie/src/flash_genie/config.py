@@ -1,0 +1,299 @@
+"""Genie's plain-text configuration: one ``key value`` pair per line.
+
+Every key of the original ``genie.config.Config`` is accepted with its original
+default, and :class:`Config` exposes the same five sections (``io``,
+``diffusion``, ``model``, ``training``, ``optimization``) as dicts with the
+original names, so ``Config.model`` plus ``n_timestep`` are the keyword
+arguments of the denoiser.
+
+Unlike the original parser, which silently drops any line that does not split
+into exactly two tokens and keeps unknown keys, this one raises
+:class:`ConfigError` naming the line (and, for an unknown key, the nearest valid
+key). Blank lines and ``#`` comments are allowed. Later features add their keys
+to :data:`KEYS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["KEYS", "Config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration line that cannot be accepted (unknown key, malformed line, bad value)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: where it lands and how its text is read."""
+
+    name: str  # the key as written in the file, e.g. ``pairFeatureDimension``
+    section: str  # ``io``, ``diffusion``, ``model``, ``training`` or ``optimization``
+    field: str  # name inside the section, e.g. ``c_p``
+    default: Any
+    parse: Callable[[str], Any]
+    kind: str  # human-readable type for error messages
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""  # what ``check`` demands, for error messages
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _bool(text: str) -> bool:
+    # The original maps exactly these two spellings; anything else stayed a
+    # (truthy) string there, which is the silent failure this parser removes.
+    if text == "True":
+        return True
+    if text == "False":
+        return False
+    raise ValueError("expected True or False")
+
+
+def _str_list(text: str) -> list[str]:
+    items = text.strip().split(",")
+    if any(not item for item in items):
+        raise ValueError("expected a comma-separated list without empty items")
+    return items
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _probability(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+def _k(name, section, field, default, parse, kind, check=None, requirement=""):
+    return Key(name, section, field, default, parse, kind, check, requirement)
+
+
+_POS = (_positive, "must be > 0")
+_NONNEG = (_non_negative, "must be >= 0")
+_PROB = (_probability, "must be in [0, 1)")
+
+#: Every accepted key, in the original's order, with the original defaults.
+KEYS: tuple[Key, ...] = (
+    # io
+    _k("name", "io", "name", None, str, "string"),
+    _k("maximumNumResidues", "io", "max_n_res", None, _int, "integer", *_POS),
+    _k("minimumNumResidues", "io", "min_n_res", None, _int, "integer", *_NONNEG),
+    _k("logDirectory", "io", "log_dir", "runs", str, "string"),
+    _k("dataDirectory", "io", "data_dir", "data", str, "string"),
+    _k("datasetNames", "io", "dataset_names", ["scope"], _str_list, "comma-separated list"),
+    _k("datasetSize", "io", "dataset_size", None, _int, "integer", *_POS),
+    _k("datasetClasses", "io", "dataset_classes", None, _str_list, "comma-separated list"),
+    # diffusion
+    _k("numTimesteps", "diffusion", "n_timestep", 1000, _int, "integer", *_POS),
+    _k("schedule", "diffusion", "schedule", "cosine", _choice("cosine", "linear"), "schedule name"),
+    # model: general
+    _k("singleFeatureDimension", "model", "c_s", 128, _int, "integer", *_POS),
+    _k("pairFeatureDimension", "model", "c_p", 128, _int, "integer", *_POS),
+    # model: single feature network
+    _k("positionalEmbeddingDimension", "model", "c_pos_emb", 128, _int, "integer", *_POS),
+    _k("timestepEmbeddingDimension", "model", "c_timestep_emb", 128, _int, "integer", *_POS),
+    # model: pair feature network
+    _k("relativePositionK", "model", "relpos_k", 32, _int, "integer", *_NONNEG),
+    _k("templateType", "model", "template_type", "v1", _choice("v1"), "template type"),
+    # model: pair transform network
+    _k("numPairTransformLayers", "model", "n_pair_transform_layer", 5, _int, "integer", *_NONNEG),
+    _k("includeTriangularMultiplicativeUpdate", "model", "include_mul_update", True, _bool, "boolean"),
+    _k("includeTriangularAttention", "model", "include_tri_att", False, _bool, "boolean"),
+    _k("triangularMultiplicativeHiddenDimension", "model", "c_hidden_mul", 128, _int, "integer", *_POS),
+    _k("triangularAttentionHiddenDimension", "model", "c_hidden_tri_att", 32, _int, "integer", *_POS),
+    _k("triangularAttentionNumHeads", "model", "n_head_tri", 4, _int, "integer", *_POS),
+    _k("triangularDropout", "model", "tri_dropout", 0.25, _float, "number", *_PROB),
+    _k("pairTransitionN", "model", "pair_transition_n", 4, _int, "integer", *_POS),
+    # model: structure network
+    _k("numStructureLayers", "model", "n_structure_layer", 5, _int, "integer", *_NONNEG),
+    _k("numStructureBlocks", "model", "n_structure_block", 1, _int, "integer", *_NONNEG),
+    _k("ipaHiddenDimension", "model", "c_hidden_ipa", 16, _int, "integer", *_POS),
+    _k("ipaNumHeads", "model", "n_head_ipa", 12, _int, "integer", *_POS),
+    _k("ipaNumQkPoints", "model", "n_qk_point", 4, _int, "integer", *_POS),
+    _k("ipaNumVPoints", "model", "n_v_point", 8, _int, "integer", *_POS),
+    _k("ipaDropout", "model", "ipa_dropout", 0.1, _float, "number", *_PROB),
+    _k("numStructureTransitionLayers", "model", "n_structure_transition_layer", 1, _int, "integer", *_NONNEG),
+    _k("structureTransitionDropout", "model", "structure_transition_dropout", 0.1, _float, "number", *_PROB),
+    # training
+    _k("seed", "training", "seed", 100, _int, "integer"),
+    _k("numEpoches", "training", "n_epoch", 1, _int, "integer", *_POS),
+    _k("batchSize", "training", "batch_size", 32, _int, "integer", *_POS),
+    _k("logEverySteps", "training", "log_every_n_step", 1000, _int, "integer", *_POS),
+    _k("checkpointEveryEpoches", "training", "checkpoint_every_n_epoch", 500, _int, "integer", *_POS),
+    # optimization
+    _k("learningRate", "optimization", "lr", 1e-4, _float, "number", *_POS),
+)
+
+_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
+SECTIONS = ("io", "diffusion", "model", "training", "optimization")
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+class Config:
+    """A parsed Genie configuration.
+
+    Build it with :meth:`from_file`, :meth:`from_text` or ``Config()`` (all
+    defaults). ``config.model`` etc. are fresh dicts in the original's layout;
+    ``config["pairFeatureDimension"]`` reads one value by its file key;
+    ``config.explicit`` holds the keys the text set.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None, *, source: str = "<dict>"):
+        values = dict(values or {})
+        for name in values:
+            if name not in _BY_NAME:
+                raise ConfigError(f"{source}: unknown key '{name}'{_suggest(name)}")
+        values = {n: _coerce(_BY_NAME[n], v, f"{source}: key '{n}'") for n, v in values.items()}
+        self.source = source
+        self.explicit: dict[str, Any] = values
+        self._values = {key.name: values.get(key.name, key.default) for key in KEYS}
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str, source: str = "<text>") -> Config:
+        """Parse configuration text; raises :class:`ConfigError` naming the bad line."""
+        values: dict[str, Any] = {}
+        first_line: dict[str, int] = {}
+        for lineno, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            where = f"{source}, line {lineno} ('{raw.strip()}')"
+            tokens = line.split()
+            if len(tokens) != 2:
+                raise ConfigError(
+                    f"{where}: malformed line, expected exactly two tokens 'key value', got {len(tokens)}"
+                )
+            name, text_value = tokens
+            key = _BY_NAME.get(name)
+            if key is None:
+                raise ConfigError(f"{where}: unknown key '{name}'{_suggest(name)}")
+            if name in first_line:
+                raise ConfigError(f"{where}: key '{name}' already set on line {first_line[name]}")
+            values[name] = _coerce(key, text_value, where)
+            first_line[name] = lineno
+        return cls(values, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Config:
+        """Read a configuration file (Genie's ``configuration`` files load unchanged)."""
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_text(handle.read(), source=os.fspath(path))
+
+    @classmethod
+    def coerce(cls, config: Config | str | os.PathLike) -> Config:
+        """A :class:`Config`, a path to a configuration file, or configuration text."""
+        if isinstance(config, Config):
+            return config
+        if isinstance(config, os.PathLike):
+            return cls.from_file(config)
+        if not isinstance(config, str):
+            raise TypeError(f"config must be a Config, a path or config text, got {type(config).__name__}")
+        if "\n" not in config and os.path.isfile(config):
+            return cls.from_file(config)
+        return cls.from_text(config)
+
+    def replace(self, **values: Any) -> Config:
+        """A copy with some keys (file names, e.g. ``pairFeatureDimension=32``) changed."""
+        return Config({**self.explicit, **values}, source=self.source)
+
+    # -- access -------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            raise KeyError(f"unknown config key '{name}'{_suggest(name)}")
+        value = self._values[name]
+        return list(value) if isinstance(value, list) else value
+
+    def section(self, name: str) -> dict[str, Any]:
+        if name not in SECTIONS:
+            raise KeyError(f"unknown section '{name}', expected one of {SECTIONS}")
+        return {key.field: self[key.name] for key in KEYS if key.section == name}
+
+    io = property(lambda self: self.section("io"))
+    diffusion = property(lambda self: self.section("diffusion"))
+    model = property(lambda self: self.section("model"))
+    training = property(lambda self: self.section("training"))
+    optimization = property(lambda self: self.section("optimization"))
+
+    def denoiser_kwargs(self) -> dict[str, Any]:
+        """``model`` plus ``n_timestep``: the keyword arguments of the denoiser."""
+        return {**self.model, "n_timestep": self["numTimesteps"]}
+
+    def to_text(self, full: bool = True) -> str:
+        """Configuration text that :meth:`from_text` reads back to an equal config.
+
+        ``full=True`` writes every key that has a value (defaults included), so the
+        text stays correct even if a default changes later.
+        """
+        names: Iterable[str] = (k.name for k in KEYS) if full else self.explicit
+        lines = [f"{n} {_format(self._values[n])}" for n in names if self._values[n] is not None]
+        return "\n".join(lines) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._values == other._values
+
+    def __repr__(self) -> str:
+        set_keys = ", ".join(f"{k}={v!r}" for k, v in self.explicit.items())
+        return f"Config({set_keys})"
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.0)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(key: Key, value: Any, where: str) -> Any:
+    """Parse text (or check an already typed value) for ``key``; ConfigError on failure."""
+    if isinstance(value, str):
+        try:
+            value = key.parse(value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: bad value for '{key.name}': {err}") from None
+    elif not _has_type(key, value):
+        raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': expected a {key.kind}")
+    if key.check is not None and value is not None and not key.check(value):
+        raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': {key.requirement}")
+    return value
+
+
+def _has_type(key: Key, value: Any) -> bool:
+    if value is None:
+        return key.default is None
+    expected = {"integer": int, "number": (int, float), "boolean": bool, "comma-separated list": list}
+    kind = expected.get(key.kind, str)
+    return isinstance(value, kind) and (key.kind == "boolean" or not isinstance(value, bool))

@@ -1,0 +1,152 @@
+"""The Genie denoiser: features -> pair stack -> structure net.
+
+Attribute names follow the original ``Denoiser`` so that its ``state_dict``
+(Lightning keys without ``model.``) loads unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flash_genie.config import Config
+from flash_genie.model.features import PairFeatureNet, SingleFeatureNet
+from flash_genie.model.frames import frenet_frames
+from flash_genie.model.pair_stack import PairTransformNet
+from flash_genie.model.rigid import Rigid
+from flash_genie.model.structure import StructureNet
+
+
+class Denoiser(nn.Module):
+    """Genie's noise-prediction network. The constructor takes exactly the
+    keyword arguments of the original (``Config.denoiser_kwargs()``).
+
+    ``forward(frames, timesteps, mask)`` maps the noisy frames to refined frames;
+    :meth:`predict_noise` is the public entry point on plain Cα coordinates.
+    """
+
+    def __init__(
+        self,
+        c_s: int,
+        c_p: int,
+        n_timestep: int,
+        c_pos_emb: int,
+        c_timestep_emb: int,
+        relpos_k: int,
+        template_type: str,
+        n_pair_transform_layer: int,
+        include_mul_update: bool,
+        include_tri_att: bool,
+        c_hidden_mul: int,
+        c_hidden_tri_att: int,
+        n_head_tri: int,
+        tri_dropout: float,
+        pair_transition_n: int,
+        n_structure_layer: int,
+        n_structure_block: int,
+        c_hidden_ipa: int,
+        n_head_ipa: int,
+        n_qk_point: int,
+        n_v_point: int,
+        ipa_dropout: float,
+        n_structure_transition_layer: int,
+        structure_transition_dropout: float,
+    ):
+        super().__init__()
+        self.n_timestep = n_timestep
+        self.single_feature_net = SingleFeatureNet(c_s, n_timestep, c_pos_emb, c_timestep_emb)
+        self.pair_feature_net = PairFeatureNet(c_s, c_p, relpos_k, template_type)
+        self.pair_transform_net = (
+            PairTransformNet(
+                c_p,
+                n_pair_transform_layer,
+                include_mul_update=include_mul_update,
+                include_tri_att=include_tri_att,
+                c_hidden_mul=c_hidden_mul,
+                c_hidden_tri_att=c_hidden_tri_att,
+                n_head_tri=n_head_tri,
+                tri_dropout=tri_dropout,
+                pair_transition_n=pair_transition_n,
+            )
+            if n_pair_transform_layer > 0
+            else None
+        )
+        self.structure_net = StructureNet(
+            c_s, c_p, n_structure_layer, n_structure_block, c_hidden_ipa, n_head_ipa, n_qk_point,
+            n_v_point, ipa_dropout, n_structure_transition_layer, structure_transition_dropout,
+        )
+
+    @classmethod
+    def from_config(cls, config: Config | str) -> Denoiser:
+        """Build (with fresh, Genie-style initial weights) from a config, path or text."""
+        return cls(**Config.coerce(config).denoiser_kwargs())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.single_feature_net.linear.weight.dtype
+
+    def forward(self, frames: Rigid, timesteps: torch.Tensor, mask: torch.Tensor) -> Rigid:
+        """Refined frames from noisy ones.
+
+        Args:
+            frames: ``Rigid`` with ``rots`` ``[B, N, 3, 3]`` and ``trans`` ``[B, N, 3]``
+                (noisy Cα coordinates in Å).
+            timesteps: ``[B]`` int64 timestep indices in ``[0, n_timestep)``.
+            mask: ``[B, N]`` 1 for residues, 0 for padding.
+
+        Returns:
+            ``Rigid`` ``[B, N]``; ``frames.trans - returned.trans`` is the noise estimate.
+        """
+        mask = mask.to(frames.trans.dtype)
+        pair_mask = mask.unsqueeze(2) * mask.unsqueeze(1)
+        s = self.single_feature_net(timesteps, mask)
+        p = self.pair_feature_net(s, frames.trans, pair_mask)
+        if self.pair_transform_net is not None:
+            p = self.pair_transform_net(p, pair_mask)
+        return self.structure_net(s, p, frames, mask)
+
+    def predict_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted noise ``[B, N, 3]`` for noisy Cα coordinates, as Genie's loss and sampler use it.
+
+        Args:
+            xt: ``[B, N, 3]`` noisy Cα coordinates (Å), in the model's dtype.
+            timesteps: ``[B]`` integer timestep indices in ``[0, n_timestep)``.
+            mask: ``[B, N]`` prefix mask (real residues first), float or bool.
+
+        The Frenet frames of ``xt`` are built inside, as Genie does; the result is
+        ``xt - forward(frames(xt), timesteps, mask).trans``. Only real residues
+        are meaningful.
+        """
+        timesteps, mask = check_inputs(xt, timesteps, mask, self.n_timestep, self.dtype)
+        out = self(Rigid(frenet_frames(xt, mask), xt), timesteps, mask)
+        return xt - out.trans
+
+
+def check_inputs(
+    xt: torch.Tensor, timesteps: torch.Tensor | int, mask: torch.Tensor, n_timestep: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the denoiser inputs; returns ``timesteps`` as ``[B]`` int64 and ``mask`` in ``xt.dtype``."""
+    if not isinstance(xt, torch.Tensor) or xt.dim() != 3 or xt.shape[-1] != 3:
+        shape = tuple(xt.shape) if isinstance(xt, torch.Tensor) else type(xt).__name__
+        raise ValueError(f"xt must be a [B, N, 3] tensor of Cα coordinates, got {shape}")
+    if xt.dtype != dtype:
+        raise TypeError(f"xt is {xt.dtype} but the model is {dtype}; cast one to the other")
+    batch, n_res = xt.shape[:2]
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, n_res):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [B, N] = {(batch, n_res)}, got {shape}")
+    if mask.device != xt.device:
+        raise ValueError(f"mask is on {mask.device} but xt is on {xt.device}")
+    if isinstance(timesteps, int):
+        timesteps = torch.full((batch,), timesteps, dtype=torch.long, device=xt.device)
+    if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (batch,):
+        shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
+        raise ValueError(f"timesteps must have shape [B] = ({batch},), got {shape}")
+    if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be an integer tensor of indices, got {timesteps.dtype}")
+    if batch and (int(timesteps.min()) < 0 or int(timesteps.max()) >= n_timestep):
+        raise ValueError(
+            f"timesteps must lie in [0, {n_timestep}), got values from {int(timesteps.min())} "
+            f"to {int(timesteps.max())}"
+        )
+    return timesteps.to(device=xt.device, dtype=torch.long), mask.to(xt.dtype)

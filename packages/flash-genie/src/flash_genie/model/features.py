@@ -1,0 +1,71 @@
+"""Genie's input feature nets: single (per-residue) and pair features.
+
+Attribute names follow the original so that its ``state_dict`` loads unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flash_genie.model.encodings import relative_position_bins, sinusoidal_encoding
+
+
+class SingleFeatureNet(nn.Module):
+    """``s_i = Linear([pos_enc(i) · m_i, time_enc(s) · m_i])``.
+
+    The residue-index encoding is scaled by the *padded* length ``N`` (so the
+    padding length changes the features, as in Genie) and the timestep encoding
+    by ``n_timestep``.
+    """
+
+    def __init__(self, c_s: int, n_timestep: int, c_pos_emb: int, c_timestep_emb: int):
+        super().__init__()
+        self.n_timestep = n_timestep
+        self.c_pos_emb = c_pos_emb
+        self.c_timestep_emb = c_timestep_emb
+        self.linear = nn.Linear(c_pos_emb + c_timestep_emb, c_s)
+
+    def forward(self, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``timesteps`` ``[B]`` int, ``mask`` ``[B, N]`` -> single features ``[B, N, c_s]``."""
+        batch, n_res = mask.shape
+        dtype = self.linear.weight.dtype
+        m = mask.to(dtype).unsqueeze(-1)
+        pos = torch.arange(n_res, device=mask.device)
+        pos_emb = sinusoidal_encoding(pos, n_res, self.c_pos_emb, dtype).expand(batch, -1, -1)
+        time_emb = sinusoidal_encoding(timesteps, self.n_timestep, self.c_timestep_emb, dtype)
+        time_emb = time_emb.unsqueeze(1).expand(-1, n_res, -1)
+        return self.linear(torch.cat([pos_emb * m, time_emb * m], dim=-1))
+
+
+class PairFeatureNet(nn.Module):
+    """``p_ij = (Lin_i(s_i) + Lin_j(s_j) + Lin_relpos(onehot(clip(i-j)+k)) + Lin_template(d_ij)) · m_ij``.
+
+    ``d_ij = sqrt(1e-10 + |x_i - x_j|²)`` is the raw Cα distance (Å) of the noisy
+    input (Genie's ``v1`` template). The one-hot Linear is evaluated as a column
+    gather of its weight, which is the same number without the ``[N, N, 2k+1]``
+    one-hot tensor.
+    """
+
+    def __init__(self, c_s: int, c_p: int, relpos_k: int, template_type: str = "v1"):
+        super().__init__()
+        if template_type != "v1":
+            raise ValueError(f"template_type must be 'v1' (the only one Genie defines), got {template_type!r}")
+        self.relpos_k = relpos_k
+        self.linear_s_p_i = nn.Linear(c_s, c_p)
+        self.linear_s_p_j = nn.Linear(c_s, c_p)
+        self.linear_relpos = nn.Linear(2 * relpos_k + 1, c_p)
+        self.linear_template = nn.Linear(1, c_p)
+
+    def relpos(self, n_res: int, device: torch.device) -> torch.Tensor:
+        """Relative-position features ``[N, N, c_p]`` (shared by the batch)."""
+        bins = relative_position_bins(n_res, self.relpos_k, device)
+        return self.linear_relpos.weight.t()[bins] + self.linear_relpos.bias
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """``s`` ``[B, N, c_s]``, Cα ``x`` ``[B, N, 3]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``."""
+        p = self.linear_s_p_i(s).unsqueeze(2) + self.linear_s_p_j(s).unsqueeze(1)
+        p = p + self.relpos(s.shape[1], s.device)
+        dist = torch.sqrt(1e-10 + torch.sum((x.unsqueeze(2) - x.unsqueeze(1)) ** 2, dim=-1))
+        p = p + self.linear_template(dist.unsqueeze(-1).to(p.dtype))
+        return p * pair_mask.unsqueeze(-1).to(p.dtype)
