@@ -8,8 +8,11 @@
 # missing ThunderKittens is fatal (GENIE_TK_CUDA=ON) or not (AUTO).
 
 set(GENIE_TK_THUNDERKITTENS_COMMIT "0b55588d2769dde0c7a9a606ffc015b0ca7a9551")
+# A cache entry so that a mirror (or a file:// URL) can stand in for GitHub; it
+# must serve GitHub's archive layout, ThunderKittens-<commit>/...
 set(GENIE_TK_THUNDERKITTENS_URL
-    "https://github.com/HazyResearch/ThunderKittens/archive/${GENIE_TK_THUNDERKITTENS_COMMIT}.tar.gz")
+    "https://github.com/HazyResearch/ThunderKittens/archive/${GENIE_TK_THUNDERKITTENS_COMMIT}.tar.gz"
+    CACHE STRING "Archive of the pinned ThunderKittens commit, used when THUNDERKITTENS_ROOT is empty")
 # Short, so that a machine without GitHub access (CI) is not held up for long.
 set(GENIE_TK_DOWNLOAD_TIMEOUT 20 CACHE STRING
     "Seconds before the ThunderKittens download is abandoned")
