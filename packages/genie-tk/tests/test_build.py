@@ -193,55 +193,56 @@ def test_tile_copy_sm90_is_exact(shape):
     assert torch.equal(dst, src)
 
 
+def _bf16(*shape: int, **kwargs) -> torch.Tensor:
+    return torch.empty(shape, **{"device": "cuda", "dtype": torch.bfloat16, **kwargs})
+
+
+# id -> (make dst, make src, error, message); the tensors are made inside the
+# test because they need a GPU.
+BAD_ARGUMENTS = {
+    "non-contiguous": (
+        lambda: _bf16(128, 192),
+        lambda: _bf16(192, 128).t(),
+        ValueError,
+        r"^src must be C-contiguous",
+    ),
+    "wrong-dtype": (
+        lambda: _bf16(128, 192),
+        lambda: _bf16(128, 192, dtype=torch.float32),
+        TypeError,
+        r"^src must have dtype bfloat16, got float32",
+    ),
+    "cpu": (
+        lambda: _bf16(128, 192),
+        lambda: _bf16(128, 192, device="cpu"),
+        ValueError,
+        r"^src must be a CUDA tensor, got a tensor on cpu",
+    ),
+    "shape-mismatch": (
+        lambda: _bf16(128, 128),
+        lambda: _bf16(128, 192),
+        ValueError,
+        r"^dst must have shape \(128, 192\), got \(128, 128\)",
+    ),
+    "not-tile-multiple": (
+        lambda: _bf16(100, 192),
+        lambda: _bf16(100, 192),
+        ValueError,
+        r"^src must have both dimensions positive multiples of 64",
+    ),
+    "wrong-rank": (
+        lambda: _bf16(128, 192),
+        lambda: _bf16(128, 192, 1),
+        ValueError,
+        r"^src must be 2-D, got 3-D",
+    ),
+}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    ("make_dst", "make_src", "error", "message"),
-    [
-        pytest.param(
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(192, 128, device="cuda", dtype=torch.bfloat16).t(),
-            ValueError,
-            r"^src must be C-contiguous",
-            id="non-contiguous",
-        ),
-        pytest.param(
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.float32),
-            TypeError,
-            r"^src must have dtype bfloat16, got float32",
-            id="wrong-dtype",
-        ),
-        pytest.param(
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(128, 192, dtype=torch.bfloat16),
-            ValueError,
-            r"^src must be a CUDA tensor, got a tensor on cpu",
-            id="cpu",
-        ),
-        pytest.param(
-            lambda: torch.empty(128, 128, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.bfloat16),
-            ValueError,
-            r"^dst must have shape \(128, 192\), got \(128, 128\)",
-            id="shape-mismatch",
-        ),
-        pytest.param(
-            lambda: torch.empty(100, 192, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(100, 192, device="cuda", dtype=torch.bfloat16),
-            ValueError,
-            r"^src must have both dimensions positive multiples of 64",
-            id="not-tile-multiple",
-        ),
-        pytest.param(
-            lambda: torch.empty(128, 192, device="cuda", dtype=torch.bfloat16),
-            lambda: torch.empty(128, 192, 1, device="cuda", dtype=torch.bfloat16),
-            ValueError,
-            r"^src must be 2-D, got 3-D",
-            id="wrong-rank",
-        ),
-    ],
-)
-def test_tile_copy_sm90_rejects_bad_arguments(make_dst, make_src, error, message):
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_tile_copy_sm90_rejects_bad_arguments(case):
     ext = _cuda_extension()  # the checks run before any launch: any GPU will do
+    make_dst, make_src, error, message = BAD_ARGUMENTS[case]
     with pytest.raises(error, match=message):
         ext.tile_copy_sm90(make_dst(), make_src(), torch.cuda.current_stream().cuda_stream)

@@ -47,22 +47,20 @@ inline std::string device_name(const nb::ndarray<>& a) {
     }
 }
 
-inline std::string shape_str(const nb::ndarray<>& a) {
+// "(a, b, c)" from n items, as Python prints tuples.
+template <typename Item>
+std::string tuple_str(std::size_t n, Item item) {
     std::string s = "(";
-    for (std::size_t i = 0; i < a.ndim(); ++i) {
-        if (i) s += ", ";
-        s += std::to_string(a.shape(i));
-    }
-    return s + (a.ndim() == 1 ? ",)" : ")");
+    for (std::size_t i = 0; i < n; ++i) s += (i ? ", " : "") + item(i);
+    return s + (n == 1 ? ",)" : ")");
+}
+
+inline std::string shape_str(const nb::ndarray<>& a) {
+    return tuple_str(a.ndim(), [&](std::size_t i) { return std::to_string(a.shape(i)); });
 }
 
 inline std::string strides_str(const nb::ndarray<>& a) {
-    std::string s = "(";
-    for (std::size_t i = 0; i < a.ndim(); ++i) {
-        if (i) s += ", ";
-        s += std::to_string(a.stride(i));
-    }
-    return s + (a.ndim() == 1 ? ",)" : ")");
+    return tuple_str(a.ndim(), [&](std::size_t i) { return std::to_string(a.stride(i)); });
 }
 
 [[noreturn]] inline void fail_value(const std::string& msg) { throw nb::value_error(msg.c_str()); }
@@ -90,21 +88,22 @@ inline void check_ndim(const nb::ndarray<>& a, const char* name, std::size_t ndi
 
 // `expected` uses -1 for "any size".
 inline void check_shape(const nb::ndarray<>& a, const char* name, std::initializer_list<std::int64_t> expected) {
+    const std::int64_t* e = expected.begin();
     bool ok = a.ndim() == expected.size();
-    std::string want = "(";
-    std::size_t i = 0;
-    for (std::int64_t e : expected) {
-        if (i) want += ", ";
-        want += e < 0 ? std::string("*") : std::to_string(e);
-        if (ok && e >= 0 && static_cast<std::int64_t>(a.shape(i)) != e) ok = false;
-        ++i;
+    for (std::size_t i = 0; ok && i < expected.size(); ++i) {
+        ok = e[i] < 0 || static_cast<std::int64_t>(a.shape(i)) == e[i];
     }
-    want += expected.size() == 1 ? ",)" : ")";
-    if (!ok) fail_value(std::string(name) + " must have shape " + want + ", got " + shape_str(a));
+    if (!ok) {
+        const std::string want =
+            tuple_str(expected.size(), [&](std::size_t i) { return e[i] < 0 ? std::string("*") : std::to_string(e[i]); });
+        fail_value(std::string(name) + " must have shape " + want + ", got " + shape_str(a));
+    }
 }
 
-// Row-major and dense; strides of size-1 dimensions are ignored, as in torch.
+// Row-major and dense; as in torch, strides of size-1 dimensions are ignored
+// and an empty array counts as contiguous.
 inline bool is_c_contiguous(const nb::ndarray<>& a) {
+    if (a.size() == 0) return true;
     std::int64_t expected = 1;
     for (std::size_t i = a.ndim(); i-- > 0;) {
         if (a.shape(i) != 1 && a.stride(i) != expected) return false;
