@@ -68,3 +68,18 @@ def test_auto_falls_back_with_one_warning(monkeypatch, module):
     assert len(fallbacks) == 1
     assert "torch backend because" in str(fallbacks[0].message)
     assert genie_tk.last_backend("triangle_multiplicative_update") == "torch"
+
+
+def test_auto_skips_unverified_tk_kernel(monkeypatch):
+    """A kernel not yet verified on a GPU runs only when asked for by name."""
+    monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "")
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    kernel = _backend.TkKernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
+    monkeypatch.setitem(_backend.TK_KERNELS, "triangle_attention", kernel)
+    q = torch.randn(1, 3, 1, 3, 4)
+    with pytest.warns(genie_tk.BackendFallbackWarning, match="not been verified on a GPU"):
+        genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3))
+    assert genie_tk.last_backend("triangle_attention") == "torch"
+    with pytest.raises(RuntimeError, match="inputs are on cpu"):
+        genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3), backend="tk")
+    assert genie_tk.backends()["tk"]["available"]

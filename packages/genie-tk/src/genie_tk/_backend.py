@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,9 +34,31 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     HAS_EXTENSION = False
     _IMPORT_ERROR = str(exc) or type(exc).__name__
 
-# Kernels register themselves here (op name -> eligibility check) when the
-# extension provides them. An op without an entry has no tk implementation yet.
-TK_KERNELS: dict[str, Callable[..., str]] = {}
+
+
+@dataclass(frozen=True)
+class TkKernel:
+    """A tk implementation of one public op.
+
+    ``check(*tensors, **shape_args)`` returns why the kernel cannot take a call
+    ("" if it can); ``run`` takes the op's validated arguments (see
+    :mod:`genie_tk.ops`). ``verified`` is set in the commit that records the
+    kernel passing its GPU tests: ``auto`` only picks verified kernels, an
+    unverified one runs only when asked for by name.
+    """
+
+    check: Callable[..., str]
+    run: Callable[..., torch.Tensor]
+    verified: bool
+
+
+# Filled by the kernel modules (tk_*.py) when the extension provides them.
+TK_KERNELS: dict[str, TkKernel] = {}
+
+
+def register_tk(op: str, kernel: TkKernel) -> None:
+    """Make ``kernel`` the tk backend of ``op``."""
+    TK_KERNELS[op] = kernel
 
 _WARNED: set[tuple[str, str]] = set()
 _LAST: dict[str, str] = {}
@@ -66,7 +89,7 @@ def backends() -> dict[str, dict[str, object]]:
     info: dict[str, object] = {"available": not tk_reason, "reason": tk_reason}
     if HAS_EXTENSION:
         info["build"] = dict(_C.info())
-        info["ops"] = sorted(TK_KERNELS)
+        info["ops"] = {op: {"verified": k.verified} for op, k in sorted(TK_KERNELS.items())}
     return {
         "tk": info,
         "torch": {"available": True, "reason": ""},
@@ -88,25 +111,27 @@ def _requested(backend: str | None) -> str:
     return name
 
 
-def _tk_reason(op: str, *tensors: torch.Tensor | None, **shape_args) -> str:
+def _tk_reason(op: str, auto: bool, *tensors: torch.Tensor | None, **shape_args) -> str:
     """Why the tk backend cannot take this call ("" if it can)."""
     reason = _tk_unavailable_reason()
     if reason:
         return reason
-    check = TK_KERNELS.get(op)
-    if check is None:
+    kernel = TK_KERNELS.get(op)
+    if kernel is None:
         return f"no tk kernel for {op} in this build"
+    if auto and not kernel.verified:
+        return f"the tk kernel for {op} has not been verified on a GPU yet (backend='tk' runs it)"
     for t in tensors:
         if t is not None and not t.is_cuda:
             return f"inputs are on {t.device}, the tk kernels need CUDA tensors"
-    return check(*tensors, **shape_args)
+    return kernel.check(*tensors, **shape_args)
 
 
 def select(op: str, backend: str | None, *tensors: torch.Tensor | None, **shape_args) -> str:
     """Pick the backend for one call of ``op`` and record it."""
     name = _requested(backend)
     if name == "tk" or name == "auto":
-        reason = _tk_reason(op, *tensors, **shape_args)
+        reason = _tk_reason(op, name == "auto", *tensors, **shape_args)
         if not reason:
             name = "tk"
         elif name == "tk":
