@@ -140,3 +140,18 @@ def test_float16_normalisation_keeps_trimul_finite():
     out = m.half()(z.half())
     assert torch.isfinite(out).all()
     assert rel(out, expected) < 2e-2
+
+
+@pytest.mark.parametrize("cls", [genie_tk.TriangleAttentionEndingNode, genie_tk.TriangleMultiplicationIncoming],
+                         ids=lambda c: c.__name__)
+def test_torch_compile_fullgraph(cls):
+    """The torch backend (autograd.Function with chunk loops) traces in one graph."""
+    m = build(cls, 8, 4, 2, seed=9, dtype=torch.float32, backend="torch")
+    z = torch.randn(1, 9, 9, 8, requires_grad=True)
+    mask = pair_mask(1, 9, 1, 0.2, seed=10, dtype=torch.float32)
+    expected = m(z, mask=mask)
+    (g_expected,) = torch.autograd.grad(expected.sum(), z)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(z, mask=mask)
+    (g,) = torch.autograd.grad(out.sum(), z)
+    assert rel(out, expected) < 1e-6 and rel(g, g_expected) < 1e-6
