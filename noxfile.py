@@ -56,3 +56,14 @@ def gpu(session: nox.Session) -> None:
     ThunderKittens are found, see README)."""
     install(session)
     session.run("pytest", "-m", "cuda", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Kernel benchmarks into benchmarks/results (``nox -s bench -- --quick`` on a
+    CPU; arguments go to ``python -m genie_bench``, see benchmarks/README.md).
+    matplotlib, for the plots, is installed in this session only."""
+    install(session)
+    session.install("matplotlib")
+    bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+    session.run("python", "-m", "genie_bench", *session.posargs, env={"PYTHONPATH": bench_dir})

@@ -10,6 +10,7 @@ short table is printed last.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 
 from . import kernels, report, schema
 from .cases import OPS, PASSES
-from .env import REPO_ROOT, slug
+from .env import REPO_ROOT, device_info, slug
 from .timing import TimingConfig
 
 MIB = 1 << 20
@@ -71,6 +72,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _save(doc: dict, path: Path) -> None:
+    """Write ``doc`` to ``path`` atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -82,13 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         passes=tuple(args.passes), device=device, timing=_timing(device, args),
         methods=tuple(args.methods) if args.methods else None, errors=not args.no_errors,
         budget_s=args.budget_s, quick=args.quick)
-    doc = kernels.run(cfg, log=lambda line: print(line, flush=True))
-
-    stem = args.name or f"kernels_{slug(doc['environment']['device'])}_{doc['environment']['date'][:10]}" + (
-        "_quick" if args.quick else "")
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    stem = args.name or f"kernels_{slug(device_info(device))}_{date}" + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = kernels.run(cfg, log=lambda line: print(line, flush=True), progress=lambda d: _save(d, path))
+    _save(doc, path)
     problems = schema.problems(doc)
     plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
     written = [path, *report.write(doc, path, with_plots=plots)]

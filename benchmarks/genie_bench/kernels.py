@@ -118,8 +118,8 @@ def _closure(m: Method, op: Op, t: Tensors, cot: torch.Tensor, pass_: str) -> Ca
 class _Sweep:
     """State of one run of the suite: methods, reference, budget, rows."""
 
-    def __init__(self, cfg: Config, log: Callable[[str], None]):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: Config, log: Callable[[str], None], progress: Callable[[dict], None] | None):
+        self.cfg, self.log, self.progress = cfg, log, progress
         self.methods = discover(cfg.device, cfg.methods)
         self.memory_method, self.memory_reason = memory.method(cfg.device)
         self.env = environment(cfg.device)
@@ -136,6 +136,8 @@ class _Sweep:
             for name in self.cfg.ops:
                 for n in self.cfg.ns:
                     self.case(OPS[name], n, dtype)
+                    if self.progress:
+                        self.progress(self.document())
         return self.document()
 
     def document(self) -> dict:
@@ -264,9 +266,12 @@ class _Sweep:
             r["errors"] = {"status": "ok", "reference": "genie_tk.reference, float64", "tensors": keep}
 
 
-def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
-    """Run the suite; returns the result document (see ``result.schema.json``)."""
+def run(cfg: Config, log: Callable[[str], None] = print,
+        progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the suite; returns the result document (see ``result.schema.json``).
+    ``log`` gets one line per row; ``progress`` the document so far after each
+    case (the CLI saves it, so a run killed at a time limit keeps what it measured)."""
     unknown = [p for p in cfg.passes if p not in PASSES] + [o for o in cfg.ops if o not in OPS]
     if unknown:
         raise ValueError(f"unknown ops or passes: {unknown}; ops: {sorted(OPS)}, passes: {PASSES}")
-    return _Sweep(cfg, log).run()
+    return _Sweep(cfg, log, progress).run()

@@ -11,9 +11,11 @@
   ``VmHWM``. The difference counts every page the call touched anew (PyTorch's
   CPU allocator has no cache, so freed tensors go back to the system); pages it
   reused from the heap's free lists are the only thing missed, and the trim
-  beforehand empties those. Checked against the per-process ``ru_maxrss``
-  delta of ``triangle_attention_cpu_memory.py``, which needs a fresh process
-  per figure; this runs in-process, so a whole sweep stays cheap.
+  beforehand empties those. It runs in-process, so a whole sweep stays cheap,
+  and agrees with the fresh-process ``ru_maxrss`` delta of
+  ``triangle_attention_cpu_memory.py``: on its committed case (TriangleAttention
+  fwd+bwd, N=384) 2964 MiB against 2963 for the reference backend, and 375 to
+  449 MiB over two runs against 413 for the torch backend.
 * Anywhere else the figure is ``None`` with the reason.
 
 The output of the call is alive when the peak is read, so it is counted.

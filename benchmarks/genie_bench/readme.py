@@ -27,16 +27,16 @@ README = REPO_ROOT / "README.md"
 
 
 def latest(results: Path) -> list[tuple[Path, dict]]:
-    """The newest result file per device, preferring full runs to quick ones."""
-    best: dict[str, tuple[tuple, Path, dict]] = {}
+    """The newest result file per (device, suite), preferring full runs to quick ones."""
+    best: dict[tuple[str, str], tuple[tuple, Path, dict]] = {}
     for path in sorted(results.glob("*.json")):
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             continue  # other benchmark files (e.g. the single-case CPU memory script)
-        device = doc["environment"]["device"]
+        where = (doc["environment"]["device"]["name"], doc["config"]["suite"])
         key = (not doc["config"]["quick"], doc["environment"]["date"])
-        if device["name"] not in best or key > best[device["name"]][0]:
-            best[device["name"]] = (key, path, doc)
+        if where not in best or key > best[where][0]:
+            best[where] = (key, path, doc)
     ordered = sorted(best.values(), key=lambda v: (v[2]["environment"]["device"]["type"] != "cuda", v[1].name))
     return [(path, doc) for _, path, doc in ordered]
 
@@ -50,7 +50,8 @@ def section(results: Path = RESULTS, root: Path = REPO_ROOT) -> str:
     for path, doc in found:
         rel = Path(os.path.relpath(path, root)).as_posix()  # links work from the README's folder
         quick = " (quick run)" if doc["config"]["quick"] else ""
-        lines += [f"### {doc['environment']['device']['name']}{quick}", "", environment_line(doc), "",
+        lines += [f"### {doc['config']['suite']}: {doc['environment']['device']['name']}{quick}", "",
+                  environment_line(doc), "",
                   "Median time in ms, one column per method that ran:", "", pivot(doc),
                   "Peak memory in MiB beyond the inputs:", "",
                   pivot(doc, lambda r: _g(r["peak_memory_mib"]), "MiB"),

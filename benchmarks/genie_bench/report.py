@@ -9,10 +9,12 @@
   and forward+backward, one line per method, log scales (needs matplotlib).
 
     python -m genie_bench.report benchmarks/results/<stem>.json   # rewrite its .md and .png
+    python -m genie_bench.report --summary <stem>.json             # print the short table
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -193,9 +195,18 @@ def write(doc: dict, json_path: Path, with_plots: bool = True) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name in argv if argv is not None else sys.argv[1:]:
-        path = Path(name)
-        for out in write(json.loads(path.read_text()), path):
+    ap = argparse.ArgumentParser(prog="python -m genie_bench.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path, help="result JSON files")
+    ap.add_argument("--summary", action="store_true", help="print the short table only, write nothing")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    for path in args.results:
+        doc = json.loads(path.read_text())
+        if args.summary:
+            print(f"{doc['environment']['device']['name']} ({path.name}):\n\n{pivot(doc)}")
+            continue
+        for out in write(doc, path, with_plots=not args.no_plots):
             print(out)
     return 0
 
