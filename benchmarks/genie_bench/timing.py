@@ -5,10 +5,11 @@ back with no synchronisation in between (as ``triton.testing.do_bench``), so hos
 launch overhead is hidden exactly as far as the method itself hides it. On the
 CPU each run is timed with ``time.perf_counter``. Either way:
 
-* warm-up: at least one call, and calls until ``warmup_s`` has passed, so that
-  compilation, autotuning and allocator growth stay out of the figures;
-* the run count is ``rep_s`` over the warm-up's mean time, clamped to
-  ``[min_runs, max_runs]``;
+* warm-up: at least two calls, and calls until ``warmup_s`` has passed, so that
+  compilation, autotuning and allocator growth stay out of the figures (the
+  first call's time is reported on its own, as ``first_call_ms``);
+* the run count is ``rep_s`` over the mean time of the warm-up calls after the
+  first, clamped to ``[min_runs, max_runs]``;
 * run ``i`` uses input set ``i mod len(calls)``: the runner builds enough sets
   that together they exceed the cache (L2 on a GPU), so no run finds its inputs
   left in cache by the previous one.
@@ -42,18 +43,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm_up(calls: Sequence[Callable[[], object]], cfg: TimingConfig, device) -> tuple[int, float]:
-    """Run until ``warmup_s`` has passed; ``(calls made, mean seconds per call)``."""
+def _warm_up(calls: Sequence[Callable[[], object]], cfg: TimingConfig, device) -> tuple[int, float, float]:
+    """Run until ``warmup_s`` has passed; ``(calls made, seconds of the first call,
+    mean seconds per later call)``. The first call carries compilation and autotuning."""
     _sync(device)
     start = time.perf_counter()
-    done = 0
-    while True:
+    calls[0]()
+    _sync(device)
+    first = time.perf_counter() - start
+    done = 1
+    while time.perf_counter() - start < cfg.warmup_s or done < 2:
         calls[done % len(calls)]()
         done += 1
         _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= cfg.warmup_s:
-            return done, elapsed / done
+    return done, first, (time.perf_counter() - start - first) / (done - 1)
 
 
 def _run_cuda(calls, runs: int, device) -> list[float]:
@@ -86,11 +89,12 @@ def summarize(times_s: Sequence[float]) -> dict:
 
 
 def measure(calls: Sequence[Callable[[], object]], cfg: TimingConfig, device: torch.device) -> dict:
-    """Time ``calls`` (one closure per input set); returns :func:`summarize` plus ``warmup``."""
-    warm, per_call = _warm_up(calls, cfg, device)
+    """Time ``calls`` (one closure per input set); returns :func:`summarize` plus the
+    warm-up's call count (``warmup``) and first call (``first_call_ms``)."""
+    warm, first, per_call = _warm_up(calls, cfg, device)
     runs = int(min(cfg.max_runs, max(cfg.min_runs, cfg.rep_s / max(per_call, 1e-9))))
     times = _run_cuda(calls, runs, device) if device.type == "cuda" else _run_cpu(calls, runs)
-    return {**summarize(times), "warmup": warm}
+    return {**summarize(times), "warmup": warm, "first_call_ms": first * 1e3}
 
 
 def input_sets(set_bytes: int, cfg: TimingConfig, free_bytes: int) -> int:
