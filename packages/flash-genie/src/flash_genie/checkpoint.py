@@ -88,12 +88,15 @@ def load_genie(
             raise ValueError("config is None but the weights carry no configuration; pass the config")
         config = Config.from_text(embedded, source="<checkpoint>")
     model = Denoiser.from_config(Config.coerce(config)).to(dtype=dtype)
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights do not match the configuration: {err}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             "weights do not match the configuration: "
-            f"missing {result.missing_keys[:8]}{'…' if len(result.missing_keys) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'…' if len(result.unexpected_keys) > 8 else ''}"
+            f"{len(result.missing_keys)} missing keys (first: {result.missing_keys[:5]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (first: {result.unexpected_keys[:5]})"
         )
     return model.to(device).eval()
 
