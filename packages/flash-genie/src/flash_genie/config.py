@@ -285,7 +285,8 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         except ValueError as err:
             raise ConfigError(f"{where}: bad value for '{key.name}': {err}") from None
     elif not _has_type(key, value):
-        raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': expected a {key.kind}")
+        article = "an" if key.kind[0] in "aeiou" else "a"
+        raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': expected {article} {key.kind}")
     if key.check is not None and value is not None and not key.check(value):
         raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': {key.requirement}")
     return value

@@ -32,7 +32,7 @@ def test_structure_layers_match_genie(genie_reference, reference_model, helpers,
     s, frames = inter["single"], Rigid(inputs["rots_t"], inputs["xt"])
     if "pair_transform" in inter:
         p = inter["pair_transform"]
-        ours = theirs = lambda t: t[mask.bool()]  # noqa: E731
+        ours = theirs = lambda t: t[mask.bool()]
     else:
         # scope_l_128 stores the pair only for element 0's real block: run that
         # chain alone (the IPA weight of padded keys is exactly zero).

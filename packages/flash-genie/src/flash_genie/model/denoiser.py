@@ -72,8 +72,17 @@ class Denoiser(nn.Module):
             else None
         )
         self.structure_net = StructureNet(
-            c_s, c_p, n_structure_layer, n_structure_block, c_hidden_ipa, n_head_ipa, n_qk_point,
-            n_v_point, ipa_dropout, n_structure_transition_layer, structure_transition_dropout,
+            c_s,
+            c_p,
+            n_structure_layer,
+            n_structure_block,
+            c_hidden_ipa=c_hidden_ipa,
+            n_head_ipa=n_head_ipa,
+            n_qk_point=n_qk_point,
+            n_v_point=n_v_point,
+            ipa_dropout=ipa_dropout,
+            n_structure_transition_layer=n_structure_transition_layer,
+            structure_transition_dropout=structure_transition_dropout,
         )
 
     @classmethod

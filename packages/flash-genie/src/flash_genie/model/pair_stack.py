@@ -9,15 +9,15 @@ GPU with no change here.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from flash_genie.model.primitives import Linear, SharedDropout
 from genie_tk import (
     TriangleAttentionEndingNode,
     TriangleAttentionStartingNode,
     TriangleMultiplicationIncoming,
     TriangleMultiplicationOutgoing,
 )
-from torch import nn
-
-from flash_genie.model.primitives import Linear, SharedDropout
 
 
 class PairTransition(nn.Module):

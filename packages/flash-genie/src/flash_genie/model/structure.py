@@ -66,7 +66,7 @@ class StructureLayer(nn.Module):
         c_s: int,
         c_p: int,
         c_hidden_ipa: int,
-        n_head: int,
+        n_head_ipa: int,
         n_qk_point: int,
         n_v_point: int,
         ipa_dropout: float,
@@ -74,7 +74,7 @@ class StructureLayer(nn.Module):
         structure_transition_dropout: float,
     ):
         super().__init__()
-        self.ipa = InvariantPointAttention(c_s, c_p, c_hidden_ipa, n_head, n_qk_point, n_v_point)
+        self.ipa = InvariantPointAttention(c_s, c_p, c_hidden_ipa, n_head_ipa, n_qk_point, n_v_point)
         self.ipa_dropout = nn.Dropout(ipa_dropout)
         self.ipa_layer_norm = nn.LayerNorm(c_s)
         self.transition = StructureTransition(c_s, n_structure_transition_layer, structure_transition_dropout)
@@ -94,29 +94,11 @@ class StructureLayer(nn.Module):
 class StructureNet(nn.Module):
     """``n_structure_block`` passes over ``n_structure_layer`` weight-shared layers."""
 
-    def __init__(
-        self,
-        c_s: int,
-        c_p: int,
-        n_structure_layer: int,
-        n_structure_block: int,
-        c_hidden_ipa: int,
-        n_head_ipa: int,
-        n_qk_point: int,
-        n_v_point: int,
-        ipa_dropout: float,
-        n_structure_transition_layer: int,
-        structure_transition_dropout: float,
-    ):
+    def __init__(self, c_s: int, c_p: int, n_structure_layer: int, n_structure_block: int, **layer_kwargs):
+        """``layer_kwargs`` are :class:`StructureLayer`'s remaining arguments."""
         super().__init__()
         self.n_structure_block = n_structure_block
-        self.net = nn.ModuleList(
-            StructureLayer(
-                c_s, c_p, c_hidden_ipa, n_head_ipa, n_qk_point, n_v_point, ipa_dropout,
-                n_structure_transition_layer, structure_transition_dropout,
-            )
-            for _ in range(n_structure_layer)
-        )
+        self.net = nn.ModuleList(StructureLayer(c_s, c_p, **layer_kwargs) for _ in range(n_structure_layer))
 
     def forward(self, s: torch.Tensor, p: torch.Tensor, frames: Rigid, mask: torch.Tensor) -> Rigid:
         """Refined frames ``[B, N]`` starting from the input ``frames``."""
