@@ -35,7 +35,7 @@ DEFAULTS = {
     ("cuda", False): ((256, 512, 1024, 2048), ("bfloat16", "float32"), TimingConfig(0.05, 0.2, 5, 500, 0)),
     ("cuda", True): ((256, 512), ("bfloat16",), TimingConfig(0.02, 0.05, 5, 100, 0)),
     ("cpu", False): ((64, 128, 256, 384), ("float32", "bfloat16"), TimingConfig(0.1, 1.0, 5, 100, 64 * MIB)),
-    ("cpu", True): ((32, 64, 128, 256), ("float32",), TimingConfig(0.05, 0.3, 3, 50, 32 * MIB)),
+    ("cpu", True): ((32, 64, 128, 192), ("float32",), TimingConfig(0.05, 0.3, 3, 50, 32 * MIB)),
 }
 
 

@@ -30,12 +30,14 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> dict:
-    """``{"hash", "dirty"}``: the checkout's HEAD and whether tracked files differ from it."""
+    """``{"hash", "dirty"}``: the checkout's HEAD and whether the tracked files that
+    the figures depend on (genie-tk and the benchmarks) differ from it."""
     env = os.environ.get(COMMIT_VAR)
     head = _git("rev-parse", "HEAD")
     if env or head is None:
         return {"hash": env or "unknown", "dirty": None}
-    return {"hash": head, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", "packages/genie-tk", "benchmarks")
+    return {"hash": head, "dirty": bool(changed)}
 
 
 def _cpu_name() -> str:
