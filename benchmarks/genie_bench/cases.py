@@ -125,6 +125,11 @@ def _tri_mul_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int)
     return t
 
 
+def tri_mul_weights(t: Tensors) -> Tensors:
+    """The twelve weights of a tri-mul case, under genie-tk's (and cuEquivariance's) keywords."""
+    return {k: v for k, v in t.items() if k not in ("z", "mask")}
+
+
 ATTENTION_PARAMS = {"batch": 1, "heads": 4, "head_dim": 32}
 TRI_MUL_PARAMS = {"batch": 1, "c_z": 128, "c_hidden": 128}
 

@@ -24,7 +24,7 @@ import genie_tk
 from genie_tk import reference
 from genie_tk.testing import rel
 
-from .cases import ATTENTION, REF_CHUNK_ELEMENTS, Op, Tensors
+from .cases import ATTENTION, REF_CHUNK_ELEMENTS, Op, Tensors, tri_mul_weights
 
 
 def _grad_of(out: torch.Tensor, inputs: list[torch.Tensor], cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -56,7 +56,7 @@ def _attention_reference(t: Tensors, cot: torch.Tensor, want_grads: bool):
 
 def _tri_mul_reference(op: Op, t: Tensors, cot: torch.Tensor, want_grads: bool):
     leaves = {k: v.detach().requires_grad_(want_grads and k in op.diff) for k, v in t.items()}
-    weights = {k: v for k, v in leaves.items() if k not in ("z", "mask")}
+    weights = tri_mul_weights(leaves)
     with torch.set_grad_enabled(want_grads):
         out = genie_tk.triangle_multiplicative_update(
             leaves["z"], leaves["mask"], op.call_args["direction"], backend="reference", **weights)
@@ -76,8 +76,10 @@ def fp64_reference(op: Op, t: Tensors, cot: torch.Tensor, want_grads: bool):
 
 
 def compare(value: torch.Tensor, ref: torch.Tensor) -> dict:
-    """``{"max_abs", "rel_fro", "finite"}`` of ``value`` against ``ref``."""
-    diff = value.double() - ref
+    """``{"max_abs", "rel_fro", "finite"}`` of ``value`` against ``ref`` (compared
+    in float64 on ``ref``'s device)."""
+    value = value.detach().to(device=ref.device, dtype=torch.float64)
+    diff = value - ref
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
     rel_fro = rel(value, ref)
     finite = math.isfinite(max_abs) and math.isfinite(rel_fro)

@@ -157,6 +157,8 @@ class _Sweep:
 
     def case(self, op: Op, n: int, dtype_name: str) -> None:
         runnable = [m for m in self.methods if m.available]
+        if not runnable:
+            return
         base = {"suite": "kernels", "op": op.name, "family": op.family, "n": n, "dtype": dtype_name,
                 "params": op.params}
         if self.over_budget():
@@ -165,8 +167,16 @@ class _Sweep:
                     self.add({**base, "pass": p, "method": m.name, "status": "skipped",
                               "reason": f"time budget of {self.cfg.budget_s:g} s spent"})
             return
-        dtype = getattr(torch, dtype_name)
-        inputs = _Inputs.build(op, n, dtype, self.cfg)
+        try:
+            inputs = _Inputs.build(op, n, getattr(torch, dtype_name), self.cfg)
+        except Exception as exc:  # inputs too large for the device: every method alike
+            _release(self.cfg.device)
+            status, reason = _classify(exc)
+            for m in runnable:
+                for p in self.cfg.passes:
+                    self.add({**base, "pass": p, "method": m.name, "status": status,
+                              "reason": f"building the inputs failed: {reason}"})
+            return
         ref, ref_reason = self.reference(op, n, inputs)
         for m in runnable:
             rows = [self.measure(m, op, n, p, inputs, {**base, "pass": p, "method": m.name})
@@ -191,7 +201,10 @@ class _Sweep:
         if need > 0.8 * free:
             return None, f"the fp64 reference needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
         try:
-            return fp64_reference(op, inputs.sets[0], inputs.cots[0], "fwd+bwd" in self.cfg.passes), ""
+            out, grads = fp64_reference(op, inputs.sets[0], inputs.cots[0], "fwd+bwd" in self.cfg.passes)
+            # Held in host memory while the methods run, so that it takes no device
+            # memory from them (an OOM must be the method's own).
+            return (out.cpu(), {k: g.cpu() for k, g in grads.items()}), ""
         except Exception as exc:  # an OOM here must not end the sweep
             _release(self.cfg.device)
             status, reason = _classify(exc)

@@ -21,7 +21,7 @@ import torch
 
 import genie_tk
 
-from .cases import ATTENTION, TRI_MUL, Op, Tensors
+from .cases import ATTENTION, TRI_MUL, Op, Tensors, tri_mul_weights
 
 Call = Callable[[Op, Tensors], torch.Tensor]
 
@@ -68,7 +68,7 @@ def _genie_attention(backend: str) -> Call:
 
 def _genie_tri_mul(backend: str) -> Call:
     def call(op: Op, t: Tensors) -> torch.Tensor:
-        weights = {k: v for k, v in t.items() if k not in ("z", "mask")}
+        weights = tri_mul_weights(t)
         return _genie(genie_tk.triangle_multiplicative_update, t["z"], t["mask"],
                       op.call_args["direction"], backend=backend, **weights)
 
@@ -127,7 +127,7 @@ def cuequivariance_method(device: torch.device) -> Method:
         return cuet.triangle_attention(t["q"], t["k"], t["v"], t["bias"].unsqueeze(1), mask)
 
     def tri_mul(op: Op, t: Tensors) -> torch.Tensor:
-        weights = {k: v for k, v in t.items() if k not in ("z", "mask")}
+        weights = tri_mul_weights(t)
         return cuet.triangle_multiplicative_update(t["z"], op.call_args["direction"], t["mask"], **weights)
 
     m.calls = {ATTENTION: attention, TRI_MUL: tri_mul}
