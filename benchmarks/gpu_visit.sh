@@ -31,6 +31,7 @@ export THUNDERKITTENS_ROOT=${THUNDERKITTENS_ROOT:-$PWD/.tk}
 export PYTHONUNBUFFERED=1
 mkdir -p "$LOG"
 exec > >(tee -a "$LOG/visit.log") 2>&1
+TEE_PID=$!
 
 declare -A STATUS=()
 FAILED=0
@@ -121,4 +122,7 @@ if [[ -n "$latest" && -z "$DRY_RUN" ]]; then
   echo
   PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m genie_bench.report --summary "$latest" || true
 fi
+# Let tee finish visit.log before the device tool collects $OUT.
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null || true
 exit "$FAILED"

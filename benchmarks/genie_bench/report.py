@@ -88,6 +88,9 @@ def markdown(doc: dict, source: str = "") -> str:
     for op in doc["config"]["ops"]:
         lines += ["", f"## {op}: {TITLES.get(op, op)} ({_params(op)})", ""]
         rows = [r for r in doc["results"] if r["op"] == op]
+        if not rows:
+            lines.append("No results: the run ended before this op.")
+            continue
         ok = [r for r in rows if r["status"] == "ok"]
         lines += _table(
             ["N", "dtype", "pass", "method", "median ms", "p25–p75 ms", "runs", "TFLOP/s", "of floor",
