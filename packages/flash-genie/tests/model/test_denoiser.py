@@ -146,3 +146,18 @@ def test_python_int_timestep_and_bool_mask(tiny_config, helpers):
         a = model.predict_noise(x, 12, mask.bool())
         b = model.predict_noise(x, torch.tensor([12, 12]), mask)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_bf16_autocast_stays_close_to_float32(tiny_config, helpers):
+    # Frames, IPA softmax and the loss keep at least float32 under autocast.
+    model = helpers.random_model(tiny_config, dtype=torch.float32)
+    x, mask = helpers.random_chain(2, 10, [10, 7], seed=10, dtype=torch.float32)
+    steps = torch.tensor([4, 77])
+    with torch.no_grad():
+        ref = model.predict_noise(x, steps, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.predict_noise(x, steps, mask)
+            loss = genie_loss(low, ref, mask)
+    assert low.dtype == torch.float32 and loss.dtype == torch.float32
+    err = helpers.report("bf16 autocast vs float32", low[mask.bool()], ref[mask.bool()])
+    assert err < 0.05 * ref.abs().max().item()

@@ -82,7 +82,8 @@ class InvariantPointAttention(nn.Module):
         logits = logits + pt_logits.permute(0, 3, 1, 2)
         pair_mask = mask.unsqueeze(-1) * mask.unsqueeze(-2)
         logits = logits + (self.inf * (pair_mask.to(logits.dtype) - 1)).unsqueeze(1)
-        attn = torch.softmax(logits, dim=-1)
+        # Softmax in at least float32 (bf16 logits under autocast lose the ranking).
+        attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
         o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)  # [B, N, H*C]
         o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3, -2)  # [B, N, H*Pv, 3]

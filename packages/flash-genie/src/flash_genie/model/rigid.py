@@ -2,6 +2,11 @@
 
 A frame maps local points to global ones: ``x_global = R @ x_local + t``.
 Rotations are ``[*, 3, 3]`` matrices whose columns are the local axes.
+
+Products are written as elementwise multiply-and-sum rather than ``matmul``:
+autocast leaves elementwise ops alone, so under bf16 autocast the frames stay
+in the (float32) precision of their inputs instead of drifting over the
+structure layers (the reason OpenFold's ``rot_matmul`` exists).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ class Rigid(NamedTuple):
 
     def compose(self, other: Rigid) -> Rigid:
         """``self ∘ other``: apply ``other`` first, ``R = R1 R2``, ``t = R1 t2 + t1``."""
-        return Rigid(self.rots @ other.rots, rotate(self.rots, other.trans) + self.trans)
+        rots = torch.sum(self.rots.unsqueeze(-1) * other.rots.unsqueeze(-3), dim=-2)
+        return Rigid(rots, rotate(self.rots, other.trans) + self.trans)
 
     def apply(self, points: torch.Tensor) -> torch.Tensor:
         """Local to global; ``points`` ``[*, P, 3]`` broadcast against frames ``[*]``."""
@@ -33,7 +39,7 @@ class Rigid(NamedTuple):
 
 def rotate(rots: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``R @ v`` for ``rots`` ``[*, 3, 3]`` and ``vectors`` ``[*, 3]`` (broadcasting)."""
-    return (rots @ vectors.unsqueeze(-1)).squeeze(-1)
+    return torch.sum(rots * vectors.unsqueeze(-2), dim=-1)
 
 
 def quaternion_to_rotation(quat: torch.Tensor) -> torch.Tensor:
