@@ -51,8 +51,12 @@ def section(results: Path = RESULTS, root: Path = REPO_ROOT) -> str:
         rel = Path(os.path.relpath(path, root)).as_posix()  # links work from the README's folder
         quick = " (quick run)" if doc["config"]["quick"] else ""
         lines += [f"### {doc['config']['suite']}: {doc['environment']['device']['name']}{quick}", "",
-                  environment_line(doc), "",
-                  "Median time in ms, one column per method that ran:", "", pivot(doc),
+                  environment_line(doc), ""]
+        if doc["environment"]["device"]["type"] == "cpu":
+            lines += ["CPU timings move with other load on the machine (the load average is given "
+                      "above; on a busy 2-core machine, by tens of percent between runs): compare kernels "
+                      "on the GPU files.", ""]
+        lines += ["Median time in ms, one column per method that ran:", "", pivot(doc),
                   "Peak memory in MiB beyond the inputs:", "",
                   pivot(doc, lambda r: _g(r["peak_memory_mib"]), "MiB"),
                   f"Every figure (spread, TFLOP/s, fraction of floor, errors against the fp64 reference), "
