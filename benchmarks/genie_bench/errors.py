@@ -76,9 +76,9 @@ def fp64_reference(op: Op, t: Tensors, cot: torch.Tensor, want_grads: bool):
 
 
 def compare(value: torch.Tensor, ref: torch.Tensor) -> dict:
-    """``{"max_abs", "rel_fro", "finite"}`` of ``value`` against ``ref`` (compared
-    in float64 on ``ref``'s device)."""
-    value = value.detach().to(device=ref.device, dtype=torch.float64)
+    """``{"max_abs", "rel_fro", "finite"}`` of ``value`` against ``ref``, in float64
+    on ``value``'s device (the reference may be parked in host memory)."""
+    value, ref = value.detach().double(), ref.to(value.device, non_blocking=True)
     diff = value - ref
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
     rel_fro = rel(value, ref)

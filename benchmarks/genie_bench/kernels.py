@@ -67,6 +67,12 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _park(t: torch.Tensor) -> torch.Tensor:
+    """Hold a reference tensor in (pinned) host memory while the methods run, so
+    that it takes no device memory from them: an OOM must be the method's own."""
+    return t.cpu().pin_memory() if t.is_cuda else t
+
+
 def _differentiable(op: Op, t: Tensors) -> Tensors:
     # detach() keeps a view's strides (the ending-node layout) and makes it a leaf.
     return {k: (v.detach().requires_grad_(True) if k in op.diff else v) for k, v in t.items()}
@@ -202,9 +208,7 @@ class _Sweep:
             return None, f"the fp64 reference needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
         try:
             out, grads = fp64_reference(op, inputs.sets[0], inputs.cots[0], "fwd+bwd" in self.cfg.passes)
-            # Held in host memory while the methods run, so that it takes no device
-            # memory from them (an OOM must be the method's own).
-            return (out.cpu(), {k: g.cpu() for k, g in grads.items()}), ""
+            return (_park(out), {k: _park(g) for k, g in grads.items()}), ""
         except Exception as exc:  # an OOM here must not end the sweep
             _release(self.cfg.device)
             status, reason = _classify(exc)
