@@ -1,7 +1,8 @@
 """The four kernel benchmark ops: deterministic inputs, FLOP and exp counts.
 
 Every op takes named tensors in genie-tk's layout; a method (see :mod:`methods`)
-maps them onto its own API with views only, so any copy it needs is timed.
+maps them onto its own API with views, and any copy it needs is made (and timed)
+inside the call.
 
 * ``tri_att_start``: ``genie_tk.triangle_attention`` core, starting node. q, k, v
   ``[B, I, H, J, D]`` contiguous, bias ``[B, H, J, K]``, mask bool ``[B, I, K]``.

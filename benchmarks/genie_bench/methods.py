@@ -6,7 +6,7 @@
   ``triangle_multiplicative_update``) and trifast (``trifast.triangle_attention``).
 
 Each method maps the case's tensors (genie-tk's layout, see :mod:`cases`) onto its
-own API with views only. Where a method cannot take a particular call it raises
+own API with views, and makes any copy it needs inside the timed call. Where a method cannot take a particular call it raises
 :class:`Unsupported`, which the runner records as ``unavailable``, not as an error.
 """
 
@@ -123,8 +123,11 @@ def cuequivariance_method(device: torch.device) -> Method:
         return m
 
     def attention(op: Op, t: Tensors) -> torch.Tensor:
-        mask = t["mask"][:, :, None, None, :]
-        return cuet.triangle_attention(t["q"], t["k"], t["v"], t["bias"].unsqueeze(1), mask)
+        # Its kernels read dense [B, N, H, Q, D] tensors: the ending-node views are
+        # copied here, inside the timed call (a no-op for contiguous inputs).
+        q, k, v = (x.contiguous() for x in (t["q"], t["k"], t["v"]))
+        bias, mask = t["bias"].unsqueeze(1).contiguous(), t["mask"][:, :, None, None, :].contiguous()
+        return cuet.triangle_attention(q, k, v, bias, mask)
 
     def tri_mul(op: Op, t: Tensors) -> torch.Tensor:
         weights = tri_mul_weights(t)
