@@ -41,8 +41,11 @@ def test_every_index_once_and_deterministic(ds):
     assert sorted(i for b in batches for i in b) == list(range(len(ds)))
     assert len(batches) == len(sampler)
     assert batches == LengthBucketSampler(ds.lengths, 7, seed=3).epoch_batches(0)
-    sampler.set_epoch(1)
-    assert list(sampler) != batches  # a new epoch reshuffles
+    assert sampler.state_dict() == {"seed": 3, "epoch": 1, "position": 0}  # a finished epoch moves on
+    second = list(sampler)
+    assert second != batches and second == LengthBucketSampler(ds.lengths, 7, seed=3).epoch_batches(1)
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
     assert LengthBucketSampler(ds.lengths, 7, seed=4).epoch_batches(0) != batches
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import runpy
 from pathlib import Path
@@ -50,6 +51,13 @@ def test_builtin_matches_shared_chains(shared_dir):
         coords, name, seq = ds[i]
         assert source[name].sequence == seq
         np.testing.assert_array_equal(coords, source[name].ca)
+
+
+def test_pickle_reopens_files():
+    ds = builtin_dataset()
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 10_000  # the arrays are not in the pickle
+    assert isinstance(copy._ca, np.memmap) and copy.names == ds.names
 
 
 @pytest.mark.parametrize("i", [0, 999])

@@ -23,7 +23,7 @@ from flash_genie.data.readers import (
     read_structure,
 )
 from flash_genie.data.structure_db import read_structure_db
-from flash_genie.data.writers import write_ca_pdb, write_genie_coords
+from flash_genie.data.writers import write_ca_pdb, write_genie_coords, write_structure
 
 __all__ = [
     "SOURCE_KINDS",
@@ -48,4 +48,5 @@ __all__ = [
     "split_at_gaps",
     "write_ca_pdb",
     "write_genie_coords",
+    "write_structure",
 ]

@@ -106,6 +106,11 @@ class Dataset:
             raise DatasetError(f"dataset {path} is inconsistent: " + "; ".join(problems))
         return cls(path, ca, index, names, sequences, meta)
 
+    def __reduce__(self):
+        # DataLoader workers started by spawn/forkserver get the dataset pickled: re-open the
+        # files there instead of copying the memory-mapped arrays into the pickle.
+        return (Dataset.open, (self.path,))
+
     def __len__(self) -> int:
         return len(self._index)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from flash_genie.data.filters import ca_steps
+
 CA_STEP = 3.80  # Å, trans peptide Cα–Cα distance
 CLASH_DISTANCE = 3.0  # Å
 CLASH_MIN_SEPARATION = 2  # |i - j| >= 2: every pair except bonded neighbours
@@ -28,15 +30,9 @@ def _trace(ca) -> np.ndarray:
     return ca
 
 
-def ca_steps(ca) -> np.ndarray:
-    """Consecutive Cα–Cα distances, ``[L - 1]`` Å."""
-    ca = _trace(ca)
-    return np.linalg.norm(np.diff(ca, axis=0), axis=-1)
-
-
 def step_stats(ca) -> tuple[float, float]:
     """(mean, std) of the Cα–Cα steps in Å; native proteins: 3.80 Å and about 0.05 Å."""
-    steps = ca_steps(ca)
+    steps = ca_steps(_trace(ca))
     return (float(steps.mean()), float(steps.std())) if len(steps) else (float("nan"), float("nan"))
 
 
