@@ -40,6 +40,7 @@ def samples(tmp_path):
 
 
 def test_report_files(samples):
+    pytest.importorskip("matplotlib")
     report = evaluate_directory(samples, **FAST)
     print(report)
     out = samples / "evaluation"
