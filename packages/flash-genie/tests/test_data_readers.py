@@ -199,6 +199,9 @@ def test_npz_chains(tmp_path, chains):
     np.savez(tmp_path / "bad.npz", lengths=np.zeros(1))
     with pytest.raises(StructureError, match="missing arrays"):
         list(read_npz_chains(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "objects.npz", **{k: np.array([None]) for k in ("ca_centi_angstrom", "starts", "lengths", "names", "sequences")})
+    with pytest.raises(StructureError, match="not a readable"):
+        list(read_npz_chains(tmp_path / "objects.npz"))
 
 
 def write_structure_db(path, chains, *, version=VERSION, cut: int | None = None):

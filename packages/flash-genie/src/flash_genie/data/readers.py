@@ -224,16 +224,17 @@ def read_npz_chains(path) -> Iterator[Chain]:
     """
     path = Path(path)
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise StructureError(path, f"not a readable .npz file ({err})") from err
-    with npz:
-        missing = [k for k in NPZ_KEYS if k not in npz.files]
-        if missing:
-            raise StructureError(path, f"missing arrays {missing} (expected {list(NPZ_KEYS)})")
-        ca = npz["ca_centi_angstrom"]
-        starts, lengths = npz["starts"].astype(np.int64), npz["lengths"].astype(np.int64)
-        names, sequences = npz["names"], npz["sequences"]
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise StructureError(path, f"missing arrays {missing} (expected {list(NPZ_KEYS)})")
+            ca = npz["ca_centi_angstrom"]
+            starts, lengths = npz["starts"].astype(np.int64), npz["lengths"].astype(np.int64)
+            names, sequences = npz["names"], npz["sequences"]
+    except StructureError:
+        raise
+    except (OSError, ValueError) as err:  # not a zip, or object arrays (pickles are refused)
+        raise StructureError(path, f"not a readable .npz of chains ({err})") from err
     if not (len(starts) == len(lengths) == len(names) == len(sequences)):
         raise StructureError(path, "starts, lengths, names and sequences differ in length")
     if len(starts) and (starts.min() < 0 or (starts + lengths).max() > len(ca)):
