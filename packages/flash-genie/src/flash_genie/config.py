@@ -152,10 +152,21 @@ KEYS: tuple[Key, ...] = (
     _k("checkpointEveryEpoches", "training", "checkpoint_every_n_epoch", 500, _int, "integer", *_POS),
     # optimization
     _k("learningRate", "optimization", "lr", 1e-4, _float, "number", *_POS),
+    # flash-genie's own training keys (not in the original Genie): section "trainer"
+    _k("dataset", "trainer", "dataset", "builtin", str, "string"),
+    _k("padToMaximumNumResidues", "trainer", "pad_to_max", True, _bool, "boolean"),
+    _k("maximumSteps", "trainer", "max_steps", 0, _int, "integer", *_NONNEG),
+    _k("accumulateGradBatches", "trainer", "accumulate", 1, _int, "integer", *_POS),
+    _k("checkpointEverySteps", "trainer", "checkpoint_every_n_step", 0, _int, "integer", *_NONNEG),
+    _k("precision", "trainer", "precision", "auto", _choice("auto", "fp32", "bf16", "fp16"), "precision"),
+    _k("warmupEpochs", "trainer", "warmup_epochs", 0, _int, "integer", *_NONNEG),
+    _k("warmupSteps", "trainer", "warmup_steps", 0, _int, "integer", *_NONNEG),
+    _k("gradientClipVal", "trainer", "gradient_clip_val", 0.0, _float, "number", *_NONNEG),
+    _k("emaDecay", "trainer", "ema_decay", 0.0, _float, "number", *_PROB),
 )
 
 _BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
-SECTIONS = ("io", "diffusion", "model", "training", "optimization")
+SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer")
 
 
 def _format(value: Any) -> str:
@@ -249,6 +260,7 @@ class Config:
     model = property(lambda self: self.section("model"))
     training = property(lambda self: self.section("training"))
     optimization = property(lambda self: self.section("optimization"))
+    trainer = property(lambda self: self.section("trainer"))
 
     def denoiser_kwargs(self) -> dict[str, Any]:
         """``model`` plus ``n_timestep``: the keyword arguments of the denoiser."""
