@@ -41,11 +41,11 @@ def test_every_index_once_and_deterministic(ds):
     assert sorted(i for b in batches for i in b) == list(range(len(ds)))
     assert len(batches) == len(sampler)
     assert batches == LengthBucketSampler(ds.lengths, 7, seed=3).epoch_batches(0)
-    assert sampler.state_dict() == {"seed": 3, "epoch": 1, "position": 0}  # a finished epoch moves on
-    second = list(sampler)
+    assert sampler.state_dict() == {"seed": 3, "epoch": 0, "position": 0}
+    assert list(sampler) == batches  # iterating again repeats the epoch ...
+    sampler.set_epoch(1)
+    second = list(sampler)  # ... and set_epoch reshuffles
     assert second != batches and second == LengthBucketSampler(ds.lengths, 7, seed=3).epoch_batches(1)
-    sampler.set_epoch(0)
-    assert list(sampler) == batches
     assert LengthBucketSampler(ds.lengths, 7, seed=4).epoch_batches(0) != batches
 
 

@@ -32,8 +32,8 @@ class LengthBucketSampler(Sampler):
     batches: rank ``r`` takes batches ``r, r + num_replicas, ...`` of the epoch's list, cut
     to a multiple of ``num_replicas``.
 
-    Iterating to the end of an epoch advances to the next one (``set_epoch`` also works,
-    as with ``DistributedSampler``). Resuming: ``state_dict()`` records (seed, epoch, batches already yielded);
+    Call ``set_epoch`` before each epoch, as with ``DistributedSampler``; without it the
+    same epoch is iterated again. Resuming: ``state_dict()`` records (seed, epoch, batches already yielded);
     ``load_state_dict`` restores them, and the next ``iter`` continues with exactly the batch
     that came next. Behind a DataLoader that prefetches, the sampler runs ahead of training:
     save ``state_dict(consumed=n)`` with the number of batches the training loop has used.
@@ -96,8 +96,7 @@ class LengthBucketSampler(Sampler):
             batch = batches[self.position]
             self.position += 1
             yield batch
-        # A finished epoch moves on, so a loop that never calls set_epoch still reshuffles.
-        self.epoch, self.position = self.epoch + 1, 0
+        self.position = 0  # a finished epoch can be iterated again (set_epoch reshuffles)
 
     def __len__(self) -> int:
         n, pool = len(self.lengths), self.pool_batches * self.batch_size
