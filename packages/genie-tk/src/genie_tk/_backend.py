@@ -14,6 +14,7 @@ run the call raises with the reason.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -25,14 +26,17 @@ BACKENDS = ("tk", "torch", "reference")
 ENV_VAR = "GENIE_TK_BACKEND"
 
 try:  # the extension is optional: a CPU-only wheel has none
-    from genie_tk import _C  # type: ignore[attr-defined]
-
+    _C = importlib.import_module("genie_tk._C")
     HAS_EXTENSION = True
     _IMPORT_ERROR = ""
-except ImportError as exc:  # pragma: no cover - depends on the build
+except ModuleNotFoundError:  # pragma: no cover - depends on the build
     _C = None
     HAS_EXTENSION = False
-    _IMPORT_ERROR = str(exc) or type(exc).__name__
+    _IMPORT_ERROR = "this install has no CUDA kernels (built without nvcc/ThunderKittens or GENIE_TK_CUDA=OFF)"
+except ImportError as exc:  # pragma: no cover - a broken build
+    _C = None
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = f"genie_tk._C failed to import: {exc}"
 
 
 
@@ -71,7 +75,7 @@ class BackendFallbackWarning(UserWarning):
 def _tk_unavailable_reason() -> str:
     """Why the tk backend cannot run at all in this process ("" if it can)."""
     if not HAS_EXTENSION:
-        return f"genie_tk._C is not built (CPU-only install: {_IMPORT_ERROR})"
+        return _IMPORT_ERROR
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     driver = _C.driver_status()
