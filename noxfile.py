@@ -20,7 +20,7 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test]")
+PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test,tmalign]")
 
 
 def install(session: nox.Session) -> None:

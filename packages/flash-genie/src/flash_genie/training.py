@@ -196,9 +196,11 @@ class Trainer:
         """Restore the state written by :meth:`save` (the config must match)."""
         ckpt = load_checkpoint(path)
         saved = Config.from_text(ckpt["config"], source=os.fspath(path))
-        if saved != self.config:
+        # The run's length may change on resume; anything else would change its trajectory.
+        length = {"maximumSteps": 0, "numEpoches": 1}
+        if saved.replace(**length) != self.config.replace(**length):
             raise ValueError(f"{os.fspath(path)!r} was written with a different configuration; "
-                             "resume with the same config")
+                             "resume with the same config (only maximumSteps/numEpoches may change)")
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -63,8 +63,9 @@ def write_report_png(path, report, sample_traces, reference_traces, n_traces: in
             ax.set_axis_off()
             continue
         edges = np.histogram_bin_edges(np.concatenate([s, r]), bins=20)
-        ax.hist(r, bins=edges, alpha=0.5, density=True, color=REFERENCE_COLOR, label=f"reference ({len(r)})")
-        ax.hist(s, bins=edges, alpha=0.5, density=True, color=SAMPLE_COLOR, label=f"samples ({len(s)})")
+        for values, color, name in ((r, REFERENCE_COLOR, "reference"), (s, SAMPLE_COLOR, "samples")):
+            if len(values):  # a density of no values is 0/0
+                ax.hist(values, bins=edges, alpha=0.5, density=True, color=color, label=f"{name} ({len(values)})")
         ax.set_xlabel(label)
         ax.legend(fontsize="small")
 

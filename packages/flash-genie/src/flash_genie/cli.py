@@ -1,0 +1,201 @@
+"""The ``flash-genie`` command: ``train``, ``sample``, ``evaluate``, ``data build``.
+
+A thin layer: each subcommand parses its arguments and calls the library
+(:mod:`flash_genie.training`, :mod:`flash_genie.sampling`, :mod:`flash_genie.eval`,
+:mod:`flash_genie.data`). Errors a user can fix are printed as one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flash_genie.config import Config, ConfigError
+from flash_genie.data import DatasetError, StructureError
+from flash_genie.eval import DesignabilityUnavailable
+
+# Small enough to train on 2 CPU cores in a few minutes, on the built-in PDB chains.
+QUICKSTART = """\
+name quickstart
+maximumNumResidues 64
+minimumNumResidues 50
+singleFeatureDimension 64
+pairFeatureDimension 32
+positionalEmbeddingDimension 32
+timestepEmbeddingDimension 32
+relativePositionK 16
+numPairTransformLayers 2
+triangularMultiplicativeHiddenDimension 32
+pairTransitionN 2
+numStructureLayers 3
+ipaHiddenDimension 16
+ipaNumHeads 4
+ipaNumQkPoints 4
+ipaNumVPoints 4
+numTimesteps 1000
+schedule cosine
+batchSize 8
+learningRate 1e-3
+warmupSteps 50
+gradientClipVal 1.0
+maximumSteps 600
+checkpointEverySteps 100
+precision auto
+dataset builtin
+"""
+QUICKSTART_SAMPLES = {"lengths": [50, 64], "num": 4}
+
+
+def _train(args) -> int:
+    from flash_genie.sampling import generate, write_backbones
+    from flash_genie.training import Trainer
+
+    quick = args.config is None
+    config = Config.from_text(QUICKSTART, source="<quickstart preset>") if quick else Config.from_file(args.config)
+    overrides = {}
+    if args.max_steps is not None:
+        overrides["maximumSteps"] = args.max_steps
+    if args.dataset is not None:
+        overrides["dataset"] = args.dataset
+    config = config.replace(**overrides) if overrides else config
+    out = Path(args.out or ("runs/quickstart" if quick else f"runs/{config['name'] or 'flash-genie'}"))
+    trainer = Trainer(config, out, device=args.device, progress=not args.no_progress)
+    print(f"training {config['name']!r}: {trainer.max_steps} steps on {trainer.device} ({trainer.precision}), "
+          f"{len(trainer.indices)} chains; output in {out}")
+    trainer.fit(resume=args.resume)
+    print(f"checkpoint: {trainer.checkpoint_dir / 'final.pt'}; metrics: {out / 'metrics.jsonl'}; "
+          f"loss curve: {out / 'loss.png'}")
+    if quick and not args.no_sample:
+        backbones = generate(trainer.model, config, QUICKSTART_SAMPLES["lengths"], QUICKSTART_SAMPLES["num"],
+                             device=trainer.device, progress=not args.no_progress)
+        samples = write_backbones(backbones, out / "samples", title="flash-genie quickstart")
+        _report(samples)
+    return 0
+
+
+def _sample(args) -> int:
+    from flash_genie.sampling import generate, load_model, write_backbones
+
+    model, config = load_model(args.checkpoint, args.config, ema=args.ema, device=args.device)
+    backbones = generate(model, config, args.lengths, args.num, noise_scale=args.noise_scale, seed=args.seed,
+                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    out = write_backbones(backbones, args.out, title=f"flash-genie sample, noise scale {args.noise_scale}")
+    print(f"wrote {len(backbones)} backbones to {out / 'pdbs'} (PDB) and {out / 'coords'} (Genie text)")
+    if not args.no_evaluate:
+        _report(out)
+    return 0
+
+
+def _report(folder: Path, reference: str | None = None, overwrite: bool = True) -> None:
+    from flash_genie.eval import evaluate_directory
+
+    folder = Path(folder)
+    pdbs = folder / "pdbs" if (folder / "pdbs").is_dir() else folder
+    report = evaluate_directory(pdbs, reference=reference, out=folder / "evaluation", overwrite=overwrite)
+    print(report)
+    print(f"evaluation: {folder / 'evaluation'}")
+
+
+def _evaluate(args) -> int:
+    folder = Path(args.directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of sampled structures")
+    if args.designability:
+        from flash_genie.eval import run_designability
+        from flash_genie.eval.report import read_samples
+
+        pdbs = folder / "pdbs" if (folder / "pdbs").is_dir() else folder
+        chains, _ = read_samples(pdbs)
+        out = run_designability({c.name: c.ca for c in chains}, folder / "designability.csv",
+                                proteinmpnn_dir=args.proteinmpnn_dir, device=args.device)
+        print(f"designability: {out}")
+        return 0
+    _report(folder, args.reference, overwrite=args.overwrite)
+    return 0
+
+
+def _data_build(args) -> int:
+    from flash_genie.data import build_dataset
+
+    dedup = args.dedup
+    if dedup == "none":
+        dedup = None
+    elif dedup != "exact":
+        dedup = float(dedup)
+    report = build_dataset(args.src, args.out, min_length=args.min_length, max_length=args.max_length,
+                           max_gap=None if args.max_gap <= 0 else args.max_gap, gap_mode=args.gap_mode,
+                           dedup=dedup, limit=args.limit, seed=args.seed, overwrite=args.overwrite)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flash-genie", description="Genie protein backbone diffusion, long-sequence edition.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (no CONFIG: the quick start on the built-in data)")
+    p.add_argument("config", nargs="?", help="Genie-format configuration file")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    p.add_argument("--max-steps", type=int, help="override maximumSteps")
+    p.add_argument("--dataset", help="override dataset: 'builtin' or a dataset built with 'data build'")
+    p.add_argument("--no-sample", action="store_true", help="quick start: skip sampling and evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("sample", help="sample backbones from a checkpoint")
+    p.add_argument("checkpoint", help="flash-genie checkpoint, or an original Genie .ckpt with --config")
+    p.add_argument("--config", help="configuration file (needed for original Genie checkpoints)")
+    p.add_argument("--lengths", type=int, nargs="+", required=True, help="chain lengths to sample")
+    p.add_argument("--num", type=int, default=5, help="backbones per length")
+    p.add_argument("--noise-scale", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a flash-genie checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-evaluate", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_sample)
+
+    p = sub.add_parser("evaluate", help="evaluate sampled structures against real chains")
+    p.add_argument("directory", help="folder of sampled PDB/mmCIF or Genie coordinate files")
+    p.add_argument("--reference", help="dataset of real chains (default: the built-in set)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
+    p.add_argument("--designability", action="store_true",
+                   help="self-consistency with ProteinMPNN + ESMFold (installed separately; see the README)")
+    p.add_argument("--proteinmpnn-dir", help="ProteinMPNN checkout (or set PROTEINMPNN_DIR)")
+    p.add_argument("--device", default="cuda", help="device for ESMFold")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("data", help="datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    b = data_sub.add_parser("build", help="build a dataset from structures")
+    b.add_argument("src", help="folder of PDB/mmCIF files, a ProMod3 StructureDB, an npz of chains or a Genie data folder")
+    b.add_argument("--out", required=True, help="dataset folder to create")
+    b.add_argument("--min-length", type=int, default=40)
+    b.add_argument("--max-length", type=int, default=1024)
+    b.add_argument("--max-gap", type=float, default=4.2, help="Cα–Cα step (Å) that counts as a break; 0 disables")
+    b.add_argument("--gap-mode", choices=("split", "drop"), default="split")
+    b.add_argument("--dedup", default="exact", help="'exact', 'none' or a sequence identity in [0.8, 1]")
+    b.add_argument("--limit", type=int, help="keep a random subset of at most this many chains")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(run=_data_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, DatasetError, StructureError, DesignabilityUnavailable, FileNotFoundError,
+            FileExistsError, ValueError) as err:
+        print(f"flash-genie {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
