@@ -57,8 +57,19 @@ def test_forced_tk_on_cpu_raises_with_reason(module):
         module(torch.randn(1, 5, 5, 8, dtype=torch.float64))
 
 
+def test_cpu_only_install_runs_cpu_tensors_without_warning(monkeypatch, module):
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    monkeypatch.setattr(_backend, "HAS_EXTENSION", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(torch.randn(1, 5, 5, 8, dtype=torch.float64))
+    assert genie_tk.last_backend("triangle_multiplicative_update") == "torch"
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch, module):
     monkeypatch.setattr(_backend, "_WARNED", set())
+    monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
+    monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "no CUDA device is visible to torch")
     z = torch.randn(1, 5, 5, 8, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -73,6 +84,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch, module):
 def test_auto_skips_unverified_tk_kernel(monkeypatch):
     """A kernel not yet verified on a GPU runs only when asked for by name."""
     monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "")
+    monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
     monkeypatch.setattr(_backend, "_WARNED", set())
     kernel = _backend.TkKernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
     monkeypatch.setitem(_backend.TK_KERNELS, "triangle_attention", kernel)
@@ -82,4 +94,3 @@ def test_auto_skips_unverified_tk_kernel(monkeypatch):
     assert genie_tk.last_backend("triangle_attention") == "torch"
     with pytest.raises(RuntimeError, match="inputs are on cpu"):
         genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3), backend="tk")
-    assert genie_tk.backends()["tk"]["available"]

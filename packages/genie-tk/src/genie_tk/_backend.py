@@ -8,7 +8,8 @@ The compiled extension ``genie_tk._C`` is imported here and only here. Backends:
 
 ``backend=None`` reads ``GENIE_TK_BACKEND`` (default ``auto``). ``auto`` takes
 ``tk`` where the inputs are eligible and otherwise falls back to ``torch`` with a
-single :class:`BackendFallbackWarning` per reason; naming a backend that cannot
+single :class:`BackendFallbackWarning` per reason (silently for CPU tensors on an
+install without the extension, where ``torch`` is the only choice); naming a backend that cannot
 run the call raises with the reason.
 """
 
@@ -142,7 +143,9 @@ def select(op: str, backend: str | None, *tensors: torch.Tensor | None, **shape_
             raise RuntimeError(f"genie_tk: backend='tk' cannot run {op}: {reason}")
         else:
             name = "torch"
-            if (op, reason) not in _WARNED:
+            # A CPU-only install running CPU tensors is the expected case, not a fallback.
+            expected = not HAS_EXTENSION and not any(t is not None and t.is_cuda for t in tensors)
+            if not expected and (op, reason) not in _WARNED:
                 _WARNED.add((op, reason))
                 warnings.warn(
                     f"genie_tk.{op}: using the torch backend because {reason}",
