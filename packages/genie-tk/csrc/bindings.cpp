@@ -17,6 +17,7 @@
 #include "common/driver_shim.h"
 #include "common/tensor_checks.h"
 #include "common/tile_copy_sm90.h"
+#include "triangle_attention/bindings_attention.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -78,4 +79,6 @@ NB_MODULE(_C, m) {
           "dst, src: C-contiguous bfloat16 CUDA tensors of the same shape (R, C), R and C multiples "
           "of 64. stream: the CUDA stream handle to launch on, e.g. "
           "torch.cuda.current_stream().cuda_stream. Asynchronous.");
+
+    genie_tk::register_triangle_attention(m);
 }
