@@ -39,7 +39,7 @@ batchSize 8
 learningRate 1e-3
 warmupSteps 50
 gradientClipVal 1.0
-maximumSteps 600
+maximumSteps 400
 checkpointEverySteps 100
 precision auto
 dataset builtin
