@@ -1,4 +1,4 @@
-"""The ``flash-genie`` command: ``train``, ``sample``, ``evaluate``, ``data build``.
+"""The ``flash-genie`` command: ``train``, ``sample``, ``evaluate``, ``data build``, ``check-parallel``.
 
 A thin layer: each subcommand parses its arguments and calls the library
 (:mod:`flash_genie.training`, :mod:`flash_genie.sampling`, :mod:`flash_genie.eval`,
@@ -14,6 +14,7 @@ from pathlib import Path
 from flash_genie.config import Config, ConfigError
 from flash_genie.data import DatasetError, StructureError
 from flash_genie.eval import DesignabilityUnavailable
+from flash_genie.parallel import check as parallel_check
 
 # Small enough to train on 2 CPU cores in a few minutes, on the built-in PDB chains.
 QUICKSTART = """\
@@ -130,6 +131,10 @@ def _data_build(args) -> int:
     return 0
 
 
+def _check_parallel(args) -> int:
+    return parallel_check.launch(args.nproc, args, timeout_s=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-genie", description="Genie protein backbone diffusion, long-sequence edition.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proteinmpnn-dir", help="ProteinMPNN checkout (or set PROTEINMPNN_DIR)")
     p.add_argument("--device", default="cuda", help="device for ESMFold")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("check-parallel", help="distributed training (DDP, sequence parallelism) against one "
+                       "process: outputs and gradients of one training step")
+    p.add_argument("--nproc", type=int, default=2, help="local processes, started with torchrun's launcher")
+    parallel_check.arguments(p)
+    p.add_argument("--timeout", type=float, default=600, help="seconds before the processes are stopped")
+    p.set_defaults(run=_check_parallel)
 
     p = sub.add_parser("data", help="datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)

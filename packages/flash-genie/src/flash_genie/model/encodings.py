@@ -23,7 +23,13 @@ def sinusoidal_encoding(v: torch.Tensor, scale: int, dim: int, dtype: torch.dtyp
     return torch.where(j % 2 == 0, torch.cos(angle), torch.sin(angle))
 
 
-def relative_position_bins(n_res: int, k: int, device: torch.device | None = None) -> torch.Tensor:
-    """``clip(i - j, -k, k) + k`` as ``[N, N]`` int64: row index minus column index."""
+def relative_position_bins(
+    n_res: int, k: int, device: torch.device | None = None, rows: slice | None = None
+) -> torch.Tensor:
+    """``clip(i - j, -k, k) + k`` as ``[N, N]`` int64: row index minus column index.
+
+    ``rows`` keeps only those rows ``i`` (``[len(rows), N]``), as a sequence-parallel rank needs.
+    """
     r = torch.arange(n_res, device=device)
-    return (r[:, None] - r[None, :]).clamp(-k, k) + k
+    i = r if rows is None else r[rows]
+    return (i[:, None] - r[None, :]).clamp(-k, k) + k

@@ -57,15 +57,22 @@ class PairFeatureNet(nn.Module):
         self.linear_relpos = nn.Linear(2 * relpos_k + 1, c_p)
         self.linear_template = nn.Linear(1, c_p)
 
-    def relpos(self, n_res: int, device: torch.device) -> torch.Tensor:
-        """Relative-position features ``[N, N, c_p]`` (shared by the batch)."""
-        bins = relative_position_bins(n_res, self.relpos_k, device)
+    def relpos(self, n_res: int, device: torch.device, rows: slice | None = None) -> torch.Tensor:
+        """Relative-position features ``[N, N, c_p]`` (shared by the batch); ``rows``: only those rows."""
+        bins = relative_position_bins(n_res, self.relpos_k, device, rows)
         return self.linear_relpos.weight.t()[bins] + self.linear_relpos.bias
 
-    def forward(self, s: torch.Tensor, x: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
-        """``s`` ``[B, N, c_s]``, Cα ``x`` ``[B, N, 3]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``."""
-        p = self.linear_s_p_i(s).unsqueeze(2) + self.linear_s_p_j(s).unsqueeze(1)
-        p = p + self.relpos(s.shape[1], s.device)
-        dist = torch.sqrt(1e-10 + torch.sum((x.unsqueeze(2) - x.unsqueeze(1)) ** 2, dim=-1))
+    def forward(
+        self, s: torch.Tensor, x: torch.Tensor, pair_mask: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """``s`` ``[B, N, c_s]``, Cα ``x`` ``[B, N, 3]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``.
+
+        ``rows`` computes only those rows ``i`` (sequence parallelism): ``pair_mask`` is then
+        ``[B, len(rows), N]`` and so is the result's leading part.
+        """
+        s_i, x_i = (s, x) if rows is None else (s[:, rows], x[:, rows])
+        p = self.linear_s_p_i(s_i).unsqueeze(2) + self.linear_s_p_j(s).unsqueeze(1)
+        p = p + self.relpos(s.shape[1], s.device, rows)
+        dist = torch.sqrt(1e-10 + torch.sum((x_i.unsqueeze(2) - x.unsqueeze(1)) ** 2, dim=-1))
         p = p + self.linear_template(dist.unsqueeze(-1).to(p.dtype))
         return p * pair_mask.unsqueeze(-1).to(p.dtype)

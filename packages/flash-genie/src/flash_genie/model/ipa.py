@@ -59,14 +59,27 @@ class InvariantPointAttention(nn.Module):
         local = flat.unflatten(-1, (3, -1)).transpose(-1, -2)  # [B, N, H*P, 3]
         return frames.apply(local).unflatten(-2, (self.no_heads, n_points))
 
-    def forward(self, s: torch.Tensor, z: torch.Tensor, frames: Rigid, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        frames: Rigid,
+        mask: torch.Tensor,
+        keys: tuple[torch.Tensor, Rigid, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``s`` ``[B, N, c_s]``, ``z`` ``[B, N, N, c_z]``, frames ``[B, N]``, ``mask`` ``[B, N]``
-        -> update of ``s``, ``[B, N, c_s]``."""
+        -> update of ``s``, ``[B, N, c_s]``.
+
+        ``keys = (s_k, frames_k, mask_k)`` of all ``N`` residues makes ``s``, ``frames``,
+        ``mask`` and the rows of ``z`` those of the queries only (``I`` of them: sequence
+        parallelism); the result is then ``[B, I, c_s]``.
+        """
         h, c, pq = self.no_heads, self.c_hidden, self.no_qk_points
+        s_k, frames_k, mask_k = (s, frames, mask) if keys is None else keys
         q = self.linear_q(s).unflatten(-1, (h, c))  # [B, N, H, C]
-        k, v = self.linear_kv(s).unflatten(-1, (h, 2 * c)).split(c, dim=-1)
+        k, v = self.linear_kv(s_k).unflatten(-1, (h, 2 * c)).split(c, dim=-1)
         q_pts = self._points(self.linear_q_points(s), frames, pq)  # [B, N, H, Pq, 3]
-        kv_pts = self._points(self.linear_kv_points(s), frames, pq + self.no_v_points)
+        kv_pts = self._points(self.linear_kv_points(s_k), frames_k, pq + self.no_v_points)
         k_pts, v_pts = kv_pts.split([pq, self.no_v_points], dim=-2)
 
         # [B, H, I, J]
@@ -80,7 +93,7 @@ class InvariantPointAttention(nn.Module):
         point_weight = F.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (pq * 9.0 / 2)))
         pt_logits = -0.5 * sq_dist * point_weight
         logits = logits + pt_logits.permute(0, 3, 1, 2)
-        pair_mask = mask.unsqueeze(-1) * mask.unsqueeze(-2)
+        pair_mask = mask.unsqueeze(-1) * mask_k.unsqueeze(-2)
         logits = logits + (self.inf * (pair_mask.to(logits.dtype) - 1)).unsqueeze(1)
         # Softmax in at least float32 (bf16 logits under autocast lose the ranking).
         attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
