@@ -18,6 +18,7 @@
 #include "common/tensor_checks.h"
 #include "common/tile_copy_sm90.h"
 #include "triangle_attention/bindings_attention.h"
+#include "triangle_multiplication/bindings_trimul.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -81,4 +82,5 @@ NB_MODULE(_C, m) {
           "torch.cuda.current_stream().cuda_stream. Asynchronous.");
 
     genie_tk::register_triangle_attention(m);
+    genie_tk::register_triangle_multiplication(m);
 }

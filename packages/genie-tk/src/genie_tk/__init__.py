@@ -11,6 +11,7 @@ Backends: :func:`backends` says what runs here; ``GENIE_TK_BACKEND`` or
 
 from genie_tk import reference
 from genie_tk import tk_attention as _tk_attention  # noqa: F401  (registers the tk kernels)
+from genie_tk import tk_trimul as _tk_trimul  # noqa: F401  (registers the tk kernels)
 from genie_tk._backend import BackendFallbackWarning, backends, last_backend
 from genie_tk.modules import (
     FusedTriangleMultiplicationIncoming,
