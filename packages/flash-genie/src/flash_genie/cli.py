@@ -62,9 +62,17 @@ def _train(args) -> int:
     config = config.replace(**overrides) if overrides else config
     out = Path(args.out or ("runs/quickstart" if quick else f"runs/{config['name'] or 'flash-genie'}"))
     trainer = Trainer(config, out, device=args.device, progress=not args.no_progress)
-    print(f"training {config['name']!r}: {trainer.max_steps} steps on {trainer.device} ({trainer.precision}), "
-          f"{len(trainer.indices)} chains; output in {out}")
-    trainer.fit(resume=args.resume)
+    main = trainer.dist.is_main  # under torchrun, rank 0 reports and samples
+    if main:
+        grid = f" × {trainer.dist.grid.describe()}" if trainer.dist.enabled else ""
+        print(f"training {config['name']!r}: {trainer.max_steps} steps on {trainer.device}{grid} "
+              f"({trainer.precision}), {len(trainer.indices)} chains; output in {out}")
+    try:
+        trainer.fit(resume=args.resume)
+    finally:
+        trainer.dist.close()
+    if not main:
+        return 0
     print(f"checkpoint: {trainer.checkpoint_dir / 'final.pt'}; metrics: {out / 'metrics.jsonl'}; "
           f"loss curve: {out / 'loss.png'}")
     if quick and not args.no_sample:

@@ -163,10 +163,14 @@ KEYS: tuple[Key, ...] = (
     _k("warmupSteps", "trainer", "warmup_steps", 0, _int, "integer", *_NONNEG),
     _k("gradientClipVal", "trainer", "gradient_clip_val", 0.0, _float, "number", *_NONNEG),
     _k("emaDecay", "trainer", "ema_decay", 0.0, _float, "number", *_PROB),
+    # flash-genie's distributed training keys (torchrun): section "parallel"
+    _k("sequenceParallelSize", "parallel", "sequence_parallel_size", 1, _int, "integer", *_POS),
+    _k("ddpBackend", "parallel", "backend", "auto", _choice("auto", "gloo", "nccl"), "backend"),
+    _k("findUnusedParameters", "parallel", "find_unused_parameters", False, _bool, "boolean"),
 )
 
 _BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
-SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer")
+SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer", "parallel")
 
 
 def _format(value: Any) -> str:
@@ -261,6 +265,7 @@ class Config:
     training = property(lambda self: self.section("training"))
     optimization = property(lambda self: self.section("optimization"))
     trainer = property(lambda self: self.section("trainer"))
+    parallel = property(lambda self: self.section("parallel"))
 
     def denoiser_kwargs(self) -> dict[str, Any]:
         """``model`` plus ``n_timestep``: the keyword arguments of the denoiser."""

@@ -1,4 +1,4 @@
-"""Single-process training of the Genie denoiser, on CPU or one GPU, with exact resume.
+"""Training of the Genie denoiser, on CPU, one GPU or many processes (torchrun), with exact resume.
 
 One optimizer step = ``accumulateGradBatches`` micro-batches, each a length-bucketed batch
 of real chains cropped to ``maximumNumResidues``, centred as Genie centres them, noised at
@@ -8,6 +8,11 @@ from a seeded sampler; dropout uses the global RNG. A checkpoint stores all of t
 the model, optimizer, learning-rate schedule and EMA, written atomically, so a run killed
 at any point and resumed with ``resume=True`` continues the same trajectory: the losses
 after the resume equal those of an uninterrupted run.
+
+Under torchrun the same loop runs data-parallel (DDP) and, with ``sequenceParallelSize``,
+sequence-parallel: :class:`~flash_genie.parallel.distributed.Distributed` holds all of it
+(per-rank seeds, ``no_sync`` on accumulation micro-steps, rank 0 writing, every rank's random
+states in the checkpoint).
 
 Outputs in ``out_dir``: ``checkpoints/last.pt`` (every ``checkpointEverySteps`` steps and
 at the end) and ``checkpoints/final.pt``, ``metrics.jsonl`` (one line per optimizer step),
@@ -34,6 +39,7 @@ from flash_genie.config import Config
 from flash_genie.data import Dataset, LengthBucketSampler, builtin_dataset, collate
 from flash_genie.diffusion import make_schedule, training_loss
 from flash_genie.model import Denoiser
+from flash_genie.parallel.distributed import Distributed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -85,6 +91,9 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Distributed training (torchrun): process group, grid, DDP, per-rank seeds. Inert in one process.
+        self.dist = Distributed(config, self.device)
+        self.device = self.dist.device
         self.precision = resolve_precision(config["precision"], self.device)
         self.progress = progress
         self.max_length = config["maximumNumResidues"]
@@ -97,9 +106,14 @@ class Trainer:
             raise ValueError(f"no chain of {config['dataset']} has at least {config['minimumNumResidues']} residues")
         self.indices = keep
         seed = config["seed"]
-        self.sampler = LengthBucketSampler(lengths[keep], config["batchSize"], seed=seed, drop_last=False)
+        self.sampler = LengthBucketSampler(lengths[keep], config["batchSize"], seed=seed, drop_last=False,
+                                           num_replicas=self.dist.data_size, rank=self.dist.data_rank)
         torch.manual_seed(seed)
         self.model = Denoiser.from_config(config).to(self.device)
+        self.net = self.dist.wrap(self.model)  # what the loss calls predict_noise on
+        rank_seed = self.dist.data_seed(seed)
+        if rank_seed != seed:
+            torch.manual_seed(rank_seed)
         self.schedule = make_schedule(config["numTimesteps"], config["schedule"], device=self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config["learningRate"])
         self.accumulate = config["accumulateGradBatches"]
@@ -111,7 +125,7 @@ class Trainer:
         decay = config["emaDecay"]
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(rank_seed)
         self.step = 0
         self._batches = None
 
@@ -142,17 +156,18 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         total = 0.0
-        for _ in range(self.accumulate):
+        for i in range(self.accumulate):
             batch = self._next_batch()
             x0 = genie_center(batch["coords"]).to(self.device)
             mask = batch["mask"].to(self.device)
             n = x0.shape[0]
             timesteps = torch.randint(0, self.schedule.n_timestep, (n,), generator=self.generator)
             noise = torch.randn(x0.shape, generator=self.generator)
-            with self._autocast():
-                loss = training_loss(self.model, x0, mask, self.schedule, timesteps=timesteps.to(self.device),
-                                     noise=noise.to(self.device))
-            self.scaler.scale(loss / self.accumulate).backward()
+            with self.dist.micro_step(last=i == self.accumulate - 1):
+                with self._autocast():
+                    loss = training_loss(self.net, x0, mask, self.schedule, timesteps=timesteps.to(self.device),
+                                         noise=noise.to(self.device))
+                self.scaler.scale(loss / self.accumulate).backward()
             total += float(loss.detach())
         self.scaler.unscale_(self.optimizer)
         clip = self.config["gradientClipVal"]
@@ -165,7 +180,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        return StepLog(self.step, total / self.accumulate, lr, float(grad_norm), time.perf_counter() - t0)
+        loss = self.dist.mean(total / self.accumulate)
+        return StepLog(self.step, loss, lr, float(grad_norm), time.perf_counter() - t0)
 
     # -- state -------------------------------------------------------------------
     @property
@@ -173,10 +189,15 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self, name: str = "last.pt") -> Path:
-        """Write the full training state atomically to ``checkpoints/<name>``."""
+        """Write the full training state atomically to ``checkpoints/<name>`` (rank 0 writes;
+        every rank must call it)."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / name
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        ranks = self.dist.random_states(self.generator)  # collective; {} in one process
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return path
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and not ranks else []
         save_checkpoint(
             path, self.model, self.config,
             step=self.step,
@@ -189,7 +210,9 @@ class Trainer:
             generator=self.generator.get_state(),
             rng_cpu=torch.get_rng_state(),
             rng_cuda=cuda_rng,
+            **ranks,
         )
+        self.dist.barrier()
         return path
 
     def load(self, path: str | os.PathLike) -> None:
@@ -209,10 +232,11 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self._batches = iter(self.sampler) if ckpt["batches_started"] else None
-        self.generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        if not self.dist.restore_random_states(ckpt, self.generator, os.fspath(path)):
+            self.generator.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if ckpt["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         self.step = int(ckpt["step"])
 
     # -- the loop ----------------------------------------------------------------
@@ -229,17 +253,19 @@ class Trainer:
             if not last.is_file():
                 raise FileNotFoundError(f"cannot resume: no checkpoint at {last}")
             self.load(last)
-            _truncate_metrics(metrics, self.step)
+            if self.dist.is_main:
+                _truncate_metrics(metrics, self.step)
         elif last.exists():
             raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, "
                                   "or choose another output directory")
-        elif metrics.exists():
+        elif metrics.exists() and self.dist.is_main:
             metrics.unlink()
-        writer = _tensorboard(self.out_dir)
+        main = self.dist.is_main  # only rank 0 writes metrics, events, the progress bar and plots
+        writer = _tensorboard(self.out_dir) if main else None
         every = self.config["checkpointEverySteps"] or self.config["checkpointEveryEpoches"] * self.steps_per_epoch
         logs = []
-        bar = _progress(self.progress, initial=self.step, total=self.max_steps)
-        with open(metrics, "a") as out:
+        bar = _progress(self.progress and main, initial=self.step, total=self.max_steps)
+        with open(metrics if main else os.devnull, "a") as out:
             while self.step < self.max_steps:
                 log = self.train_step()
                 logs.append(log)
@@ -262,7 +288,8 @@ class Trainer:
             writer.close()
         self.save()
         self.save("final.pt")
-        plot_losses(metrics, self.out_dir / "loss.png")
+        if main:
+            plot_losses(metrics, self.out_dir / "loss.png")
         return logs
 
 
