@@ -227,6 +227,8 @@ struct dbias_config {
     static constexpr int consumers = query_blocks * key_blocks;
     static constexpr int stages = 3;
     static constexpr int threads = (consumers + 1) * WARPGROUP_THREADS;
+    // Two consumers: S, dP and the dbias accumulator (3 x 32 fp32 registers)
+    // spill with the 96 registers per thread of four (checked with -Xptxas -v).
     static constexpr int producer_registers = 24;
     static constexpr int consumer_registers = 240;
 };
@@ -342,10 +344,11 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
     const int kb = kb0 + ck;
     const int row0 = jb * kBlock + warpgroup::warpid() * 16;
 
-    typename tl::scores bias, acc;
+    typename tl::scores acc;
+    typename tl::scores_mma bias;  // constant over the loop: kept in registers, in bf16/fp16
     warp::zero(acc);
     wait(bias_ready, 0);
-    warpgroup::load(bias, bias_s[wg]);  // constant over the loop: kept in registers
+    warpgroup::load(bias, bias_s[wg]);
 
     for (int step = 0, i = i_begin; i < i_end; ++step, ++i) {
         const int s = step % C::stages;
@@ -411,6 +414,7 @@ void launch_dqkv(const TriangleAttentionBwdArgs& a, cudaStream_t stream) {
         p.scale * kLog2e,
         p.scale,
     };
+    static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(p.batch) * p.rows * p.heads * key_supers;
     launch(dqkv_kernel<T, D>, g, dim3(grid_size(ctas)), dqkv_config::threads, G::dynamic_shared_memory(), stream,
            "launching the triangle attention dq/dk/dv kernel");
@@ -448,6 +452,7 @@ void launch_dbias(const TriangleAttentionBwdArgs& a, cudaStream_t stream) {
         rows_per_split,
         p.scale * kLog2e,
     };
+    static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(splits) * p.batch * p.heads * query_supers * key_supers;
     launch(dbias_kernel<T, D>, g, dim3(grid_size(ctas)), dbias_config::threads, G::dynamic_shared_memory(), stream,
            "launching the triangle attention dbias kernel");

@@ -27,6 +27,8 @@ using namespace kittens;
 
 inline constexpr int kBlock = kTriangleAttentionBlock;  // rows per tile (queries or keys)
 inline constexpr float kLog2e = 1.4426950408889634f;
+// Hopper: 227 KB of shared memory per block, less the kernels' static 128 bytes of semaphores.
+inline constexpr std::size_t kMaxDynamicSharedMemory = 227 * 1024 - 128;
 
 template <AttentionDtype DT> struct element;
 template <> struct element<AttentionDtype::kBFloat16> { using type = bf16; };
@@ -93,18 +95,19 @@ __device__ inline int tile_col(int t, int k) { return t * 16 + (k / 2) * 8 + (la
 
 // s <- base-2 logits (see the top of this file) of the key tile that starts at
 // key `key0`. On entry `s` holds q.k from the MMA; `bias` is the warp's
-// 16 x 64 slice of the triangle bias in fp32 and `key_bias` the tile's 64
-// base-2 mask biases.
-template <typename Scores>
-__device__ inline void biased_scores(Scores& s, const Scores& bias, const sv<float, kBlock>& key_bias,
+// 16 x 64 slice of the triangle bias (fp32, or bf16/fp16 widened here) and
+// `key_bias` the tile's 64 base-2 mask biases.
+template <typename Scores, typename Bias>
+__device__ inline void biased_scores(Scores& s, const Bias& bias, const sv<float, kBlock>& key_bias,
                                      float scale_log2, int key0, int n) {
     static_assert(Scores::height == 1 && Scores::width == kBlock / 16);
+    static_assert(Bias::height == 1 && Bias::width == Scores::width);
 #pragma unroll
     for (int t = 0; t < Scores::width; ++t) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             const float2 kb = *reinterpret_cast<const float2*>(&key_bias.data[tile_col(t, k)]);
-            const float2 b = bias.tiles[0][t].data[k];
+            const float2 b = base_types::convertor<float2, typename Bias::dtype>::convert(bias.tiles[0][t].data[k]);
             float2& x = s.tiles[0][t].data[k];
             x.x = fmaf(b.x, kLog2e, fmaf(x.x, scale_log2, kb.x));
             x.y = fmaf(b.y, kLog2e, fmaf(x.y, scale_log2, kb.y));

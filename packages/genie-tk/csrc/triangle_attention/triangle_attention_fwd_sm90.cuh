@@ -9,14 +9,17 @@
 //   the 64 x 64 triangle-bias tile of every query block cj,
 // with TMA, signalling `stage_ready` and waiting on `stage_free`.
 //
-// Why this split: per score element the kernel reads about 4D/64 bytes of K/V
-// and 2 bytes of triangle bias from L2 (the bias is shared by all rows i but
-// needed by each). Consumers of different rows i share each bias tile, so
-// rows_per_cta = 2 halves the bias traffic; more consumers would need more
-// registers than 240 per thread allow. Head dims 16/32 make the wgmma K
-// dimension short (one or two k-steps), so the exp2 and the bias/mask FMAs,
-// not the tensor cores, bound the kernel; the producer/consumer split keeps
-// TMA latency off that path.
+// Why this split: per score element a consumer reads 4D/64 bytes of K/V and
+// 2 bytes of triangle bias from L2 (the bias is shared by all rows i but each
+// row needs all of it), about 3 bytes at D = 32: more than the exp2 work costs
+// at L2 bandwidth. Consumers of different rows i share each bias tile and
+// consumers of different query blocks share each K/V tile, so the 2 x 2 grid
+// (D <= 32) needs about 2 bytes per score. The triangle bias stays in bf16/fp16
+// registers and is widened in the score FMAs; the four consumers fit the 96
+// registers per thread that 640 threads leave (no spills, -Xptxas -v). Head
+// dims 16/32 make the wgmma K dimension short (one or two k-steps), so the
+// exp2 and the bias/mask FMAs, not the tensor cores, bound the arithmetic; the
+// producer/consumer split keeps TMA latency off that path.
 //
 // Outputs: o through shared memory and a TMA store (rows >= N dropped by TMA),
 // and the softmax statistics (row max and log2 row sum of the base-2 logits)
@@ -29,15 +32,20 @@
 namespace genie_tk {
 namespace triangle_attention_sm90 {
 
+template <int D>
 struct fwd_config {
-    static constexpr int rows_per_cta = 2;  // consumers sharing each triangle-bias tile
-    static constexpr int query_blocks = 1;  // consumers sharing each K/V tile
+    // A 2 x 2 grid of consumers (two rows i sharing each bias tile, two query
+    // blocks sharing each K/V tile) halves both kinds of L2 traffic per score
+    // against one consumer; at D = 64 the O accumulator leaves no registers for
+    // four consumers, so two rows only.
+    static constexpr int rows_per_cta = 2;
+    static constexpr int query_blocks = D <= 32 ? 2 : 1;
     static constexpr int consumers = rows_per_cta * query_blocks;
     static constexpr int stages = 3;
     static constexpr int threads = (consumers + 1) * WARPGROUP_THREADS;
-    // setmaxnreg budget: 128 * (24 + 2 * 240) = 64512 <= 65536 registers.
+    // setmaxnreg budget: 128 * (24 + consumers * consumer_registers) <= 65536.
     static constexpr int producer_registers = 24;
-    static constexpr int consumer_registers = 240;
+    static constexpr int consumer_registers = consumers == 4 ? 112 : 240;
 };
 
 template <typename T, int D>
@@ -53,7 +61,7 @@ struct fwd_globals {
     float scale_log2;   // scale * log2(e)
 
     static constexpr std::size_t dynamic_shared_memory() {
-        using C = fwd_config;
+        using C = fwd_config<D>;
         return smem_bytes<sizeof(typename tl::rows_tile) * C::consumers,
                           sizeof(typename tl::rows_tile) * C::stages * C::rows_per_cta,
                           sizeof(typename tl::rows_tile) * C::stages * C::rows_per_cta,
@@ -63,8 +71,8 @@ struct fwd_globals {
 };
 
 template <typename T, int D>
-__global__ __launch_bounds__(fwd_config::threads, 1) void fwd_kernel(const __grid_constant__ fwd_globals<T, D> g) {
-    using C = fwd_config;
+__global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __grid_constant__ fwd_globals<T, D> g) {
+    using C = fwd_config<D>;
     using tl = tiles<T, D>;
     using rows_tile = typename tl::rows_tile;
     using score_tile = typename tl::score_tile;
@@ -148,9 +156,10 @@ __global__ __launch_bounds__(fwd_config::threads, 1) void fwd_kernel(const __gri
         const int s = kt % C::stages;
         wait(stage_ready[s], (kt / C::stages) & 1);
 
-        typename tl::scores att, bias;
+        typename tl::scores att;
+        typename tl::scores_mma bias;  // kept in bf16/fp16 (half the registers), widened in biased_scores
         warpgroup::mm_ABt(att, q_s[wg], k_s[s][ci]);
-        warpgroup::load(bias, bias_s[s][cj]);  // bf16/fp16 -> fp32 while the MMA runs
+        warpgroup::load(bias, bias_s[s][cj]);  // while the MMA runs
         warpgroup::mma_async_wait();
         biased_scores(att, bias, key_s[s][ci], g.scale_log2, kt * kBlock, g.n);
 
@@ -213,8 +222,8 @@ void launch_fwd(const TriangleAttentionFwdArgs& a, cudaStream_t stream) {
     using T = typename element<DT>::type;
     using G = fwd_globals<T, D>;
     const TriangleAttentionProblem& p = a.p;
-    const int query_supers = ceil_div(ceil_div(p.n, kBlock), fwd_config::query_blocks);
-    const int row_groups = ceil_div(p.rows, fwd_config::rows_per_cta);
+    const int query_supers = ceil_div(ceil_div(p.n, kBlock), fwd_config<D>::query_blocks);
+    const int row_groups = ceil_div(p.rows, fwd_config<D>::rows_per_cta);
     const G g{
         rows_layout<T, D>(p, a.q),
         rows_layout<T, D>(p, a.k),
@@ -230,8 +239,9 @@ void launch_fwd(const TriangleAttentionFwdArgs& a, cudaStream_t stream) {
         query_supers,
         p.scale * kLog2e,
     };
+    static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(p.batch) * row_groups * p.heads * query_supers;
-    launch(fwd_kernel<T, D>, g, dim3(grid_size(ctas)), fwd_config::threads, G::dynamic_shared_memory(),
+    launch(fwd_kernel<T, D>, g, dim3(grid_size(ctas)), fwd_config<D>::threads, G::dynamic_shared_memory(),
            stream, "launching the triangle attention forward kernel");
 }
 
