@@ -16,9 +16,9 @@ rank's rows of the transposed tensor, reached by one all-to-all (:func:`transpos
 * pair transition and the pair mask: pointwise, in whichever layout the tensor is in.
 
 A layer with triangle attention makes four all-to-alls, one without makes two. The
-attention core is genie-tk's public :func:`genie_tk.triangle_attention`; around it the
-layer is recomputed in backward (``torch.utils.checkpoint``), so, like genie-tk's own
-layer, it keeps only its input rows and the gathered bias.
+attention core is genie-tk's public :func:`genie_tk.triangle_attention`. Like genie-tk's
+``torch`` layers, each triangle update keeps only its input rows for backward (and the
+attention its gathered bias) and is computed again there (``torch.utils.checkpoint``).
 
 Dropout draws the same full-size shared mask as the single-process layer (same shape, same
 generator, same order) and keeps this rank's part, so with equal RNG states on the ranks of
@@ -52,15 +52,7 @@ def _global_std(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     return torch.sqrt(all_reduce_sum(((t - mean) ** 2).sum(), shard) / (count - 1))
 
 
-def tri_mul(module, z: torch.Tensor, mask: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """A genie-tk ``TriangleMultiplication{Outgoing,Incoming}`` update on split rows.
-
-    ``z`` ``[B, I_r, N, C]`` and ``mask`` ``[B, I_r, N]`` are this rank's rows of the pair
-    tensor for the outgoing module and of its transpose for the incoming one; so is the
-    result. Same semantics as the module: the mask multiplies ``a`` and ``b``, the gate reads
-    the layer-normed input, and in float16 ``a`` and ``b`` are divided by their (global)
-    standard deviations and contracted in float32.
-    """
+def _tri_mul(module, z: torch.Tensor, mask: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     zn = module.layer_norm_in(z)
     m = mask.unsqueeze(-1).to(zn.dtype)
     a = m * torch.sigmoid(module.linear_a_g(zn)) * module.linear_a_p(zn)
@@ -75,6 +67,19 @@ def tri_mul(module, z: torch.Tensor, mask: torch.Tensor, shard: SequenceShard) -
         x = row_gathered_product(b, a, shard)
     x = module.linear_z(module.layer_norm_out(x.to(zn.dtype)))
     return x * torch.sigmoid(module.linear_g(zn))
+
+
+def tri_mul(module, z: torch.Tensor, mask: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """A genie-tk ``TriangleMultiplication{Outgoing,Incoming}`` update on split rows.
+
+    ``z`` ``[B, I_r, N, C]`` and ``mask`` ``[B, I_r, N]`` are this rank's rows of the pair
+    tensor for the outgoing module and of its transpose for the incoming one; so is the
+    result. Same semantics as the module: the mask multiplies ``a`` and ``b``, the gate reads
+    the layer-normed input, and in float16 ``a`` and ``b`` are divided by their (global)
+    standard deviations and contracted in float32. Only ``z`` is kept for backward, where
+    the update is computed again (its broadcasts included, in the same order on every rank).
+    """
+    return checkpoint(_tri_mul, module, z, mask, shard, use_reentrant=False)
 
 
 def _attention(module, z, bias, mask, chunk_size):
