@@ -254,26 +254,182 @@ def triangle_multiplicative_update(z, mask, weights, outgoing, eps, chunk_size):
     layout (``[B, 2·Ch, N·N]``) so the contraction needs no copy; ``chunk_size``
     computes the output in blocks of rows so the ``[B, N, N, Ch]`` product is never
     whole (inference memory).
+
+    When autograd records (training), the whole update runs as one
+    :class:`TriangleMultiplicationLayer` node that keeps only its input and the
+    contraction for backward (OpenFold's float16 branch, whose normalisation by
+    standard deviations is differentiated through, stays on plain autograd).
     """
-    (ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po_b, go_w, go_b) = weights
+    grad = torch.is_grad_enabled() and (z.requires_grad or any(w.requires_grad for w in weights))
+    if grad and not fp16_enabled(z):
+        return TriangleMultiplicationLayer.apply(z, mask, outgoing, eps, chunk_size, *weights)
     b, n, _, c = z.shape
-    ch = p_w.shape[0] // 2
-    zn = F.layer_norm(z, (c,), ln_w, ln_b, eps)
-    zf = zn.reshape(b, n * n, c).transpose(1, 2)  # [B, C, N·N]
-    ab = torch.sigmoid(g_w @ zf + g_b[:, None]) * (p_w @ zf + p_b[:, None])  # [B, 2Ch, N·N]
-    if mask is not None:
-        ab = ab * mask.reshape(b, 1, n * n).to(ab.dtype)
-    a, bb = ab.view(b, 2 * ch, n, n).split(ch, dim=1)
+    ch = weights[2].shape[0] // 2
+    zn = F.layer_norm(z, (c,), weights[0], weights[1], eps)
+    a, bb = _trimul_project(zn, mask, *weights[2:6]).view(b, 2 * ch, n, n).split(ch, dim=1)
     if fp16_enabled(z) and bool(a.std() != 0) and bool(bb.std() != 0):
         a, bb = (a / a.std()).float(), (bb / bb.std()).float()
-    gate = torch.sigmoid(F.linear(zn, go_w, go_b))
     step = n if chunk_size is None else max(1, int(chunk_size))
-    blocks = []
-    for i0, i1 in _spans(n, step):
-        if outgoing:  # x[c, i, j] = Σ_k a[c, i, k] b[c, j, k]
-            x = a[:, :, i0:i1] @ bb.transpose(-1, -2)
-        else:  # x[c, i, j] = Σ_k a[c, k, i] b[c, k, j]
-            x = a[:, :, :, i0:i1].transpose(-1, -2) @ bb
-        x = F.layer_norm(x.permute(0, 2, 3, 1).to(zn.dtype), (ch,), lo_w, lo_b, eps)
-        blocks.append(F.linear(x, po_w, po_b) * gate[:, i0:i1])
+    blocks = [
+        _trimul_output(_trimul_contract(a, bb, outgoing, i0, i1), zn[:, i0:i1], weights[6:], eps)
+        for i0, i1 in _spans(n, step)
+    ]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+def _trimul_project(zn, mask, p_w, p_b, g_w, g_b):
+    """``[a | b] = mask · σ(zn G_inᵀ + g_in) ⊙ (zn P_inᵀ + p_in)`` channel-first:
+    ``zn`` ``[B, R, N, C]`` -> ``[B, 2·Ch, R·N]``."""
+    b, r, n, c = zn.shape
+    zf = zn.reshape(b, r * n, c).transpose(1, 2)  # [B, C, R·N]
+    ab = torch.sigmoid(g_w @ zf + g_b[:, None]) * (p_w @ zf + p_b[:, None])
+    if mask is not None:
+        ab = ab * mask.reshape(b, 1, r * n).to(ab.dtype)
+    return ab
+
+
+def _trimul_contract(a, bb, outgoing, i0, i1):
+    """Rows ``[i0, i1)`` of the per-channel contraction, channel-first ``[B, Ch, i1-i0, N]``."""
+    if outgoing:  # x[c, i, j] = Σ_k a[c, i, k] b[c, j, k]
+        return a[:, :, i0:i1] @ bb.transpose(-1, -2)
+    return a[:, :, :, i0:i1].transpose(-1, -2) @ bb  # x[c, i, j] = Σ_k a[c, k, i] b[c, k, j]
+
+
+def _trimul_output(x, zn, out_weights, eps):
+    """``σ(zn G_outᵀ + g_out) ⊙ (LN_out(x) P_outᵀ + p_out)`` for channel-first ``x``
+    ``[B, Ch, R, N]`` and ``zn`` ``[B, R, N, C]``."""
+    lo_w, lo_b, po_w, po_b, go_w, go_b = out_weights
+    x = F.layer_norm(x.permute(0, 2, 3, 1).to(zn.dtype), x.shape[1:2], lo_w, lo_b, eps)
+    return F.linear(x, po_w, po_b) * torch.sigmoid(F.linear(zn, go_w, go_b))
+
+
+class TriangleMultiplicationLayer(torch.autograd.Function):
+    """The tri-mul (Alg. 11/12) as one autograd node for training.
+
+    Plain autograd keeps about ``5·C + 8·Ch`` values per pair for backward (the
+    layer-normed input, both projections, the gates, ``a``, ``b``, the
+    contraction, its LayerNorm, the output projection and the gate). This node
+    keeps the input ``z`` (which the residual stream holds anyway) and the
+    contraction ``x`` (``Ch`` per pair, so that backward does not redo the
+    O(N³) product); backward recomputes the rest row chunk by row chunk, holds
+    ``a``, ``b`` and the contraction's gradient (``3·Ch`` per pair) at most, and
+    writes the gradients of ``a`` and ``b`` over them. Arguments as in
+    :func:`triangle_multiplicative_update` (``z`` ``[B, N, N, C]``, ``mask``
+    ``[B, N, N]`` or ``None``), then the twelve weights.
+
+    Backward runs in the input's dtype with autocast off: under autocast its
+    gradients are those of the forward's values, computed at the input precision.
+    """
+
+    @staticmethod
+    def forward(ctx, z, mask, outgoing, eps, chunk_size, *weights):
+        b, n, _, c = z.shape
+        ch = weights[2].shape[0] // 2
+        zn = F.layer_norm(z, (c,), weights[0], weights[1], eps)
+        a, bb = _trimul_project(zn, mask, *weights[2:6]).view(b, 2 * ch, n, n).split(ch, dim=1)
+        x = _trimul_contract(a, bb, outgoing, 0, n)
+        del a, bb
+        step = _trimul_rows(b, n, c, ch, chunk_size)
+        out = None
+        for i0, i1 in _spans(n, step):
+            block = _trimul_output(x[:, :, i0:i1], zn[:, i0:i1], weights[6:], eps)
+            if out is None:
+                out = block.new_empty((b, n, n, block.shape[-1]))
+            out[:, i0:i1] = block
+        ctx.save_for_backward(z, mask, x, *weights)
+        ctx.outgoing, ctx.eps, ctx.step = outgoing, eps, step
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mask, x, *weights = ctx.saved_tensors
+        with torch.autocast(z.device.type, enabled=False):
+            grads = _trimul_backward(z, mask, x, weights, dout.to(z.dtype), ctx.outgoing, ctx.eps, ctx.step)
+        return (grads[0], None, None, None, None, *grads[1:])
+
+
+def _trimul_rows(b: int, n: int, c: int, ch: int, chunk_size: int | None) -> int:
+    """Rows per chunk of the tri-mul node: ``chunk_size`` when given, else as many as
+    keep a chunk's temporaries (about ``6·Ch + 4·C`` values per pair) near half of one
+    ``[B, N, N, C]`` tensor (and at least 16 MiB, so small inputs run in one piece)."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    budget = max(_CHUNK_ELEMENTS, b * n * n * c // 2)
+    return max(1, min(n, budget // max(1, b * n * (6 * ch + 4 * c))))
+
+
+def _trimul_backward(z, mask, x, weights, dout, outgoing, eps, step):
+    w = [t.to(z.dtype) for t in weights]
+    (ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po_b, go_w, go_b) = w
+    b, n, _, c = z.shape
+    ch = p_w.shape[0] // 2
+    spans = _spans(n, step)
+    acc = {name: torch.zeros_like(t) for name, t in zip(_TRIMUL_NAMES, w)}
+
+    # a and b (channel-first [B, 2·Ch, N, N]), recomputed in row chunks.
+    ab = z.new_empty((b, 2 * ch, n, n))
+    for i0, i1 in spans:
+        zn = F.layer_norm(z[:, i0:i1], (c,), ln_w, ln_b, eps)
+        mk = None if mask is None else mask[:, i0:i1]
+        ab[:, :, i0:i1] = _trimul_project(zn, mk, p_w, p_b, g_w, g_b).view(b, 2 * ch, i1 - i0, n)
+
+    # Output side, row chunk by row chunk: the contraction's gradient dx, and the
+    # output gate's share of d LN_in(z), parked in dz until the input side adds its own.
+    dx = torch.empty_like(ab[:, :ch])
+    dz = torch.empty_like(z)
+    for i0, i1 in spans:
+        zn = F.layer_norm(z[:, i0:i1], (c,), ln_w, ln_b, eps)
+        xr = x[:, :, i0:i1].permute(0, 2, 3, 1).to(z.dtype)  # [B, R, N, Ch]
+        xn, mean, rstd = _layer_norm(xr, lo_w, lo_b, eps)
+        y = F.linear(xn, po_w, po_b)
+        gate = torch.sigmoid(F.linear(zn, go_w, go_b))
+        d = dout[:, i0:i1]
+        dy = d * gate
+        dg = d * y * gate * (1 - gate)
+        acc["po_w"] += _outer(dy, xn)
+        acc["po_b"] += dy.sum((0, 1, 2))
+        acc["go_w"] += _outer(dg, zn)
+        acc["go_b"] += dg.sum((0, 1, 2))
+        dxr, dw, dbb = _layer_norm_backward(dy @ po_w, xr, mean, rstd, lo_w, lo_b)
+        acc["lo_w"] += dw
+        acc["lo_b"] += dbb
+        dx[:, :, i0:i1] = dxr.permute(0, 3, 1, 2)
+        dz[:, i0:i1] = dg @ go_w
+
+    # Contraction backward, a few channels at a time; d a and d b overwrite a and b.
+    c_step = max(1, ch // 8)
+    for c0, c1 in _spans(ch, c_step):
+        a, bb, dxc = ab[:, c0:c1], ab[:, ch + c0 : ch + c1], dx[:, c0:c1]
+        if outgoing:  # x = a bᵀ
+            da, db = dxc @ bb, dxc.transpose(-1, -2) @ a
+        else:  # x = aᵀ b
+            da, db = bb @ dxc.transpose(-1, -2), a @ dxc
+        a.copy_(da)
+        bb.copy_(db)
+    del dx
+
+    # Input side: through the masked gated projections and LN_in.
+    for i0, i1 in spans:
+        zc = z[:, i0:i1]
+        zn, mean, rstd = _layer_norm(zc, ln_w, ln_b, eps)
+        rn = (i1 - i0) * n
+        zf = zn.reshape(b, rn, c).transpose(1, 2)  # [B, C, R·N]
+        sig = torch.sigmoid(g_w @ zf + g_b[:, None])
+        proj = p_w @ zf + p_b[:, None]
+        dab = ab[:, :, i0:i1].reshape(b, 2 * ch, rn)
+        if mask is not None:
+            dab = dab * mask[:, i0:i1].reshape(b, 1, rn).to(dab.dtype)
+        dproj = dab * sig
+        dgate = dab * proj * sig * (1 - sig)
+        acc["p_w"] += (dproj @ zf.transpose(1, 2)).sum(0)
+        acc["p_b"] += dproj.sum((0, 2))
+        acc["g_w"] += (dgate @ zf.transpose(1, 2)).sum(0)
+        acc["g_b"] += dgate.sum((0, 2))
+        dzn = (p_w.t() @ dproj + g_w.t() @ dgate).transpose(1, 2).reshape(zc.shape) + dz[:, i0:i1]
+        dz[:, i0:i1], dw, dbb = _layer_norm_backward(dzn, zc, mean, rstd, ln_w, ln_b)
+        acc["ln_w"] += dw
+        acc["ln_b"] += dbb
+    return (dz, *(acc[name].to(t.dtype) for name, t in zip(_TRIMUL_NAMES, weights)))
+
+
+_TRIMUL_NAMES = ("ln_w", "ln_b", "p_w", "p_b", "g_w", "g_b", "lo_w", "lo_b", "po_w", "po_b", "go_w", "go_b")
