@@ -22,7 +22,10 @@ def _compare(cls, b, n, c, hidden, heads, n_pad, drop, seed, tol=1e-12):
     o_r, gz_r, gp_r = forward_backward(ref, z, mask, cot)
     o_t, gz_t, gp_t = forward_backward(tor, z, mask, cot)
     errors = {"out": rel(o_t, o_r), "grad_z": rel(gz_t, gz_r)}
-    errors.update({k: rel(gp_t[k], gp_r[k]) for k in gp_r})
+    # A gradient that is zero by symmetry (LayerNorm over one or two hidden channels has a
+    # constant output) holds only rounding noise, which two exact computations need not share.
+    largest = max(g.norm().item() for g in gp_r.values())
+    errors.update({k: rel(gp_t[k], gp_r[k]) for k in gp_r if gp_r[k].norm().item() > 1e-10 * largest})
     print(cls.__name__, {k: f"{v:.1e}" for k, v in errors.items()})
     assert torch.isfinite(o_t).all()
     assert max(errors.values()) <= tol, errors
