@@ -1,9 +1,17 @@
-// Device helpers shared by the tri-mul input and output kernels: LayerNorm of
-// the rows or the columns of a shared tile in place, and element-wise access
-// to wgmma accumulators with their coordinates.
+// Helpers shared by the tri-mul kernels. Device: LayerNorm of the rows or the
+// columns of a shared tile in place, element-wise access to wgmma accumulators
+// with their coordinates, the walk over tiles of 64 pairs. Host: the
+// persistent launch and the dispatch on dtype and channel counts.
 #pragma once
 
+#include "common/cuda_utils.h"
 #include "kittens.cuh"
+#include "triangle_multiplication/triangle_multiplication.h"
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
 
 namespace genie_tk {
 namespace trimul {
@@ -113,6 +121,89 @@ __device__ inline void for_each_pair(RT& a, const RT& b, F&& f) {
             f(row, col + 1, a.tiles[0][j].data[k].y, b.tiles[0][j].data[k].y);
         }
     }
+}
+
+// Rounds the accumulator `acc` of one warpgroup into the shared tile `stage`
+// and TMA-stores it at `idx` of `dst` (along `Axis`). Lane 0 first waits until
+// at most `Pending` earlier stores are still reading shared memory, so `stage`
+// is free when it is Pending + 1 stores old (a ring of Pending + 1 buffers).
+template <int Axis, int Pending, typename GL, typename ST, typename RT, typename COORD>
+__device__ inline void store_through_shared(const GL& dst, ST& stage, const RT& acc, const COORD& idx,
+                                            int barrier_id) {
+    if (warpgroup::laneid() == 0) tma::store_async_read_wait<Pending>();
+    warpgroup::sync(barrier_id);
+    warpgroup::store(stage, acc);
+    // Ordinary shared-memory stores, read next by the copy engine.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    warpgroup::sync(barrier_id);
+    if (warpgroup::laneid() == 0) tma::store_async<Axis, cache_policy::NORMAL>(dst, stage, idx);
+}
+
+// Dynamic shared memory of a pair-tile pass: the block's weights, then the
+// tiles of each of its `Warpgroups` warpgroups, 1024-byte aligned for swizzling.
+template <typename Weights, typename Tiles, int Warpgroups>
+struct pass_shared_memory {
+    static constexpr size_t bytes = sizeof(Weights) + Warpgroups * sizeof(Tiles) + 1024;
+    Weights& weights;
+    Tiles (&tiles)[Warpgroups];
+
+    __device__ static pass_shared_memory allocate(int* base) {
+        tma_swizzle_allocator allocator(base);
+        Weights& w = allocator.allocate<Weights>();
+        return {w, allocator.allocate<Tiles, Warpgroups>()};
+    }
+};
+
+// Tiles of 64 pairs (b, i, j0..j0+63) in memory order, j0 = 64 * jt; the last
+// tile of a row reaches into the padding (columns N..Np-1).
+struct pair_tile {
+    int b, i, jt;
+};
+
+__device__ inline pair_tile decode_pair_tile(int t, int row_tiles, int n) {
+    const int bi = t / row_tiles;
+    return {bi / n, bi % n, t % row_tiles};
+}
+
+// Number of pair tiles of a [batch, n, n, *] problem; throws past int range.
+inline int pair_tiles(int batch, int n, const char* name) {
+    const long long tiles = static_cast<long long>(batch) * n * (trimul_padded(n) / kTrimulRowBlock);
+    if (tiles > INT_MAX) throw std::invalid_argument(std::string(name) + ": too many pair tiles for one launch");
+    return static_cast<int>(tiles);
+}
+
+// Launches `kernel(g)` on a persistent grid: min(blocks, multiprocessors) blocks
+// of `threads` threads with `smem` bytes of dynamic shared memory.
+template <typename Kernel, typename Globals>
+void launch_persistent(Kernel kernel, const Globals& g, long long blocks, int threads, size_t smem,
+                       cudaStream_t stream, const char* name) {
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               name);
+    int device = 0, sms = 0;
+    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    kernel<<<static_cast<int>(std::min<long long>(blocks, sms)), threads, smem, stream>>>(g);
+    cuda_check(cudaGetLastError(), name);
+}
+
+// Calls f.template operator()<T>() with the ThunderKittens type of `dtype`.
+template <typename F>
+void dispatch_dtype(TrimulDtype dtype, F&& f) {
+    if (dtype == TrimulDtype::kBFloat16) {
+        f.template operator()<bf16>();
+    } else {
+        f.template operator()<half>();
+    }
+}
+
+// Calls f.template operator()<C, H>() for c_z = c and c_hidden = hidden in {64, 128}.
+template <typename F>
+void dispatch_channels(int c, int hidden, const char* name, F&& f) {
+    if (c == 64 && hidden == 64) return f.template operator()<64, 64>();
+    if (c == 64 && hidden == 128) return f.template operator()<64, 128>();
+    if (c == 128 && hidden == 64) return f.template operator()<128, 64>();
+    if (c == 128 && hidden == 128) return f.template operator()<128, 128>();
+    throw std::invalid_argument(std::string(name) + ": c_z and c_hidden must be 64 or 128");
 }
 
 }  // namespace trimul

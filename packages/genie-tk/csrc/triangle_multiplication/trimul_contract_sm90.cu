@@ -16,12 +16,7 @@
 // padding of the channel-first layout.
 #include "triangle_multiplication/triangle_multiplication.h"
 
-#include "common/cuda_utils.h"
-#include "kittens.cuh"
-
-#include <algorithm>
-#include <climits>
-#include <stdexcept>
+#include "triangle_multiplication/trimul_common_sm90.cuh"
 
 namespace genie_tk {
 namespace trimul_contract {
@@ -71,7 +66,6 @@ struct globals {
     int k_iters;
     int num_tasks;
 
-    dim3 block() const { return dim3(config::num_threads); }
     static constexpr size_t dynamic_shared_memory() {
         // + 1024: the allocator aligns the first tile for the 128-byte swizzle.
         return config::stages * sizeof(stage) + config::consumer_warpgroups * sizeof(out_tile) + 1024;
@@ -163,18 +157,9 @@ __global__ __launch_bounds__(config::num_threads, 1) void contract_kernel(const 
             if (warp::laneid() == 0) arrive(empty[s]);
         }
         warp::mul(acc, acc, scale);
-        // The previous tile's TMA store has read out_tile: its issuing thread
-        // waited for that before arriving here.
-        warpgroup::sync(barrier_id);
-        warpgroup::store(out_tile, acc);
-        // Ordinary shared-memory stores, read next by the copy engine.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        warpgroup::sync(barrier_id);
-        if (warpgroup::laneid() == 0) {
-            const int m = t.tile_m * config::consumer_warpgroups + wg;
-            tma::store_async(g.out, out_tile, coord<typename G::out_tile>{t.batch, t.channel, m, t.tile_n});
-            tma::store_async_read_wait();
-        }
+        const int m = t.tile_m * config::consumer_warpgroups + wg;
+        trimul::store_through_shared<dim::ROW, 0>(
+            g.out, out_tile, acc, coord<typename G::out_tile>{t.batch, t.channel, m, t.tile_n}, barrier_id);
     }
     if (warpgroup::laneid() == 0) tma::store_async_wait();
 }
@@ -205,16 +190,8 @@ void launch(const TrimulContractArgs& args, cudaStream_t stream) {
         static_cast<int>(padded / config::block_k),
         static_cast<int>(tasks),
     };
-    auto kernel = contract_kernel<T, Mode>;
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(G::dynamic_shared_memory())),
-               "cudaFuncSetAttribute(trimul_contract)");
-    int device = 0, sms = 0;
-    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    const int grid = static_cast<int>(std::min<long long>(tasks, sms));
-    kernel<<<grid, g.block(), G::dynamic_shared_memory(), stream>>>(g);
-    cuda_check(cudaGetLastError(), "launching trimul_contract_sm90");
+    trimul::launch_persistent(contract_kernel<T, Mode>, g, tasks, config::num_threads, G::dynamic_shared_memory(),
+                              stream, "genie_tk.trimul_contract");
 }
 
 template <typename T>
@@ -231,11 +208,7 @@ void dispatch_mode(const TrimulContractArgs& args, cudaStream_t stream) {
 
 void trimul_contract_sm90(const TrimulContractArgs& args, cudaStream_t stream) {
     if (args.batch == 0 || args.channels == 0 || args.n == 0) return;
-    if (args.dtype == TrimulDtype::kBFloat16) {
-        trimul_contract::dispatch_mode<kittens::bf16>(args, stream);
-    } else {
-        trimul_contract::dispatch_mode<kittens::half>(args, stream);
-    }
+    trimul::dispatch_dtype(args.dtype, [&]<typename T>() { trimul_contract::dispatch_mode<T>(args, stream); });
 }
 
 }  // namespace genie_tk

@@ -13,12 +13,7 @@
 // L2 while the current one is computed; stores are double-buffered.
 #include "triangle_multiplication/triangle_multiplication.h"
 
-#include "common/cuda_utils.h"
 #include "triangle_multiplication/trimul_common_sm90.cuh"
-
-#include <algorithm>
-#include <climits>
-#include <stdexcept>
 
 namespace genie_tk {
 namespace trimul_input {
@@ -69,19 +64,15 @@ struct globals {
     int row_tiles;  // Np / 64
     int num_tiles;  // batch * n * row_tiles
 
-    static constexpr size_t dynamic_shared_memory() {
-        return sizeof(weights) + config::warpgroups * sizeof(warpgroup_tiles) + 1024;
-    }
+    using shared_memory = trimul::pass_shared_memory<weights, warpgroup_tiles, config::warpgroups>;
 };
 
 template <typename T, int C, int H>
 __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __grid_constant__ globals<T, C, H> g) {
     using G = globals<T, C, H>;
-    extern __shared__ alignment_dummy shared_memory[];
-    tma_swizzle_allocator allocator(reinterpret_cast<int*>(&shared_memory[0]));
-    typename G::weights& w = allocator.allocate<typename G::weights>();
-    typename G::warpgroup_tiles(&tiles)[config::warpgroups] =
-        allocator.allocate<typename G::warpgroup_tiles, config::warpgroups>();
+    extern __shared__ alignment_dummy dynamic_shared[];
+    const auto smem = G::shared_memory::allocate(reinterpret_cast<int*>(&dynamic_shared[0]));
+    typename G::weights& w = smem.weights;
 
     __shared__ float ln_weight[C], ln_bias[C], p_bias[2 * H], g_bias[2 * H];
     __shared__ float mask[config::warpgroups][config::pairs];
@@ -110,7 +101,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __g
     const int wg = warpgroup::groupid();
     const int lane = warpgroup::laneid();
     const int barrier_id = 1 + wg;
-    typename G::warpgroup_tiles& mine = tiles[wg];
+    typename G::warpgroup_tiles& mine = smem.tiles[wg];
     // Sums of the rounded a and b values (fp16's normalisation): fp32 per
     // tile, fp64 across tiles.
     double a_sum = 0.0, a_sq = 0.0, b_sum = 0.0, b_sq = 0.0;
@@ -119,18 +110,13 @@ __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __g
 
     const int stride = gridDim.x * config::warpgroups;
     for (int t = blockIdx.x * config::warpgroups + wg; t < g.num_tiles; t += stride) {
-        const int jt = t % g.row_tiles;
-        const int bi = t / g.row_tiles;
-        const int i = bi % g.n;
-        const int b = bi / g.n;
-        const coord<typename G::z_tile> zc{b, i, jt, 0};
+        const auto [b, i, jt] = trimul::decode_pair_tile(t, g.row_tiles, g.n);
         if (lane == 0) {
             tma::expect_bytes(z_arrived[wg], sizeof(typename G::z_tile));
-            tma::load_async(mine.z, g.z, zc, z_arrived[wg]);
+            tma::load_async(mine.z, g.z, coord<typename G::z_tile>{b, i, jt, 0}, z_arrived[wg]);
             if (t + stride < g.num_tiles) {
-                const int tn = t + stride;
-                const int bin = tn / g.row_tiles;
-                tma::prefetch(mine.z, g.z, coord<typename G::z_tile>{bin / g.n, bin % g.n, tn % g.row_tiles, 0});
+                const trimul::pair_tile next = trimul::decode_pair_tile(t + stride, g.row_tiles, g.n);
+                tma::prefetch(mine.z, g.z, coord<typename G::z_tile>{next.b, next.i, next.jt, 0});
             }
         }
         if (lane < config::pairs) {
@@ -165,17 +151,8 @@ __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __g
             (s == 0 ? a_sum : b_sum) += sum;
             (s == 0 ? a_sq : b_sq) += sq;
 
-            typename G::ab_tile& out = mine.out[stores % 2];
-            // The store that last read this buffer was issued two stores ago.
-            if (lane == 0) tma::store_async_read_wait<1>();
-            warpgroup::sync(barrier_id);
-            warpgroup::store(out, proj);
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            warpgroup::sync(barrier_id);
-            if (lane == 0) {
-                const coord<typename G::ab_tile> oc{s * g.batch + b, u % (G::units / 2), i, jt};
-                tma::store_async<dim::DEPTH, cache_policy::NORMAL>(g.ab, out, oc);
-            }
+            const coord<typename G::ab_tile> oc{s * g.batch + b, u % (G::units / 2), i, jt};
+            trimul::store_through_shared<dim::DEPTH, 1>(g.ab, mine.out[stores % 2], proj, oc, barrier_id);
             ++stores;
         }
         // Every warp's wgmma reads of mine.z and its reads of mask[wg] are
@@ -201,8 +178,7 @@ void launch(const TrimulInputArgs& args, cudaStream_t stream) {
     using G = globals<T, C, H>;
     const size_t batch = static_cast<size_t>(args.batch), n = static_cast<size_t>(args.n);
     const size_t padded = static_cast<size_t>(trimul_padded(args.n));
-    const long long tiles = static_cast<long long>(batch * n * (padded / config::pairs));
-    if (tiles > INT_MAX) throw std::invalid_argument("genie_tk.trimul_input: too many pair tiles for one launch");
+    const int tiles = trimul::pair_tiles(args.batch, args.n, "genie_tk.trimul_input");
     const auto weight = [](const void* p) {
         return typename G::w_layout{static_cast<T*>(const_cast<void*>(p)), nullptr, nullptr, nullptr, nullptr};
     };
@@ -221,39 +197,20 @@ void launch(const TrimulInputArgs& args, cudaStream_t stream) {
         args.batch,
         args.n,
         static_cast<int>(padded / config::pairs),
-        static_cast<int>(tiles),
+        tiles,
     };
-    auto kernel = input_kernel<T, C, H>;
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(G::dynamic_shared_memory())),
-               "cudaFuncSetAttribute(trimul_input)");
-    int device = 0, sms = 0;
-    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    const long long blocks = (tiles + config::warpgroups - 1) / config::warpgroups;
-    const int grid = static_cast<int>(std::min<long long>(blocks, sms));
-    kernel<<<grid, config::num_threads, G::dynamic_shared_memory(), stream>>>(g);
-    cuda_check(cudaGetLastError(), "launching trimul_input_sm90");
-}
-
-template <typename T>
-void dispatch_sizes(const TrimulInputArgs& args, cudaStream_t stream) {
-    if (args.c == 64 && args.hidden == 64) return launch<T, 64, 64>(args, stream);
-    if (args.c == 64 && args.hidden == 128) return launch<T, 64, 128>(args, stream);
-    if (args.c == 128 && args.hidden == 64) return launch<T, 128, 64>(args, stream);
-    if (args.c == 128 && args.hidden == 128) return launch<T, 128, 128>(args, stream);
-    throw std::invalid_argument("genie_tk.trimul_input: c_z and c_hidden must be 64 or 128");
+    trimul::launch_persistent(input_kernel<T, C, H>, g, (tiles + config::warpgroups - 1) / config::warpgroups,
+                              config::num_threads, G::shared_memory::bytes, stream, "genie_tk.trimul_input");
 }
 
 }  // namespace trimul_input
 
 void trimul_input_sm90(const TrimulInputArgs& args, cudaStream_t stream) {
     if (args.batch == 0 || args.n == 0) return;
-    if (args.dtype == TrimulDtype::kBFloat16) {
-        trimul_input::dispatch_sizes<kittens::bf16>(args, stream);
-    } else {
-        trimul_input::dispatch_sizes<kittens::half>(args, stream);
-    }
+    trimul::dispatch_dtype(args.dtype, [&]<typename T>() {
+        trimul::dispatch_channels(args.c, args.hidden, "genie_tk.trimul_input",
+                                  [&]<int C, int H>() { trimul_input::launch<T, C, H>(args, stream); });
+    });
 }
 
 }  // namespace genie_tk

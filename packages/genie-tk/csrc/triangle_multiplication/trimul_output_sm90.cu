@@ -11,12 +11,7 @@
 // and the gate zn W_g^T, combine, and TMA-store the 64 x C block of out.
 #include "triangle_multiplication/triangle_multiplication.h"
 
-#include "common/cuda_utils.h"
 #include "triangle_multiplication/trimul_common_sm90.cuh"
-
-#include <algorithm>
-#include <climits>
-#include <stdexcept>
 
 namespace genie_tk {
 namespace trimul_output {
@@ -68,19 +63,15 @@ struct globals {
     int row_tiles;  // Np / 64
     int num_tiles;  // batch * n * row_tiles
 
-    static constexpr size_t dynamic_shared_memory() {
-        return sizeof(weights) + config::warpgroups * sizeof(warpgroup_tiles) + 1024;
-    }
+    using shared_memory = trimul::pass_shared_memory<weights, warpgroup_tiles, config::warpgroups>;
 };
 
 template <typename T, int C, int H>
 __global__ __launch_bounds__(config::num_threads, 1) void output_kernel(const __grid_constant__ globals<T, C, H> g) {
     using G = globals<T, C, H>;
-    extern __shared__ alignment_dummy shared_memory[];
-    tma_swizzle_allocator allocator(reinterpret_cast<int*>(&shared_memory[0]));
-    typename G::weights& w = allocator.allocate<typename G::weights>();
-    typename G::warpgroup_tiles(&tiles)[config::warpgroups] =
-        allocator.allocate<typename G::warpgroup_tiles, config::warpgroups>();
+    extern __shared__ alignment_dummy dynamic_shared[];
+    const auto smem = G::shared_memory::allocate(reinterpret_cast<int*>(&dynamic_shared[0]));
+    typename G::weights& w = smem.weights;
 
     __shared__ float ln_in_weight[C], ln_in_bias[C], ln_out_weight[H], ln_out_bias[H], z_bias[C], g_bias[C];
     __shared__ trimul::column_scratch scratch[config::warpgroups];
@@ -109,27 +100,23 @@ __global__ __launch_bounds__(config::num_threads, 1) void output_kernel(const __
     const int wg = warpgroup::groupid();
     const int lane = warpgroup::laneid();
     const int barrier_id = 1 + wg;
-    typename G::warpgroup_tiles& mine = tiles[wg];
+    typename G::warpgroup_tiles& mine = smem.tiles[wg];
     int phase = 0;
 
     const int stride = gridDim.x * config::warpgroups;
     for (int t = blockIdx.x * config::warpgroups + wg; t < g.num_tiles; t += stride) {
-        const int jt = t % g.row_tiles;
-        const int bi = t / g.row_tiles;
-        const int i = bi % g.n;
-        const int b = bi / g.n;
+        const auto [b, i, jt] = trimul::decode_pair_tile(t, g.row_tiles, g.n);
         const coord<typename G::pair_tile> pc{b, i, jt, 0};
-        const coord<typename G::x_tile> xc{b, 0, i, jt};
         if (lane == 0) {
             tma::expect_bytes(inputs_arrived[wg], sizeof(typename G::x_tile) + sizeof(typename G::pair_tile));
-            tma::load_async<dim::DEPTH, cache_policy::NORMAL>(mine.x, g.x, xc, inputs_arrived[wg]);
+            tma::load_async<dim::DEPTH, cache_policy::NORMAL>(mine.x, g.x, coord<typename G::x_tile>{b, 0, i, jt},
+                                                               inputs_arrived[wg]);
             tma::load_async(mine.z, g.z, pc, inputs_arrived[wg]);
             if (t + stride < g.num_tiles) {
-                const int tn = t + stride;
-                const int bin = tn / g.row_tiles;
-                const int in = bin % g.n, bn = bin / g.n, jn = tn % g.row_tiles;
-                tma::prefetch<dim::DEPTH, cache_policy::NORMAL>(mine.x, g.x, coord<typename G::x_tile>{bn, 0, in, jn});
-                tma::prefetch(mine.z, g.z, coord<typename G::pair_tile>{bn, in, jn, 0});
+                const trimul::pair_tile next = trimul::decode_pair_tile(t + stride, g.row_tiles, g.n);
+                tma::prefetch<dim::DEPTH, cache_policy::NORMAL>(
+                    mine.x, g.x, coord<typename G::x_tile>{next.b, 0, next.i, next.jt});
+                tma::prefetch(mine.z, g.z, coord<typename G::pair_tile>{next.b, next.i, next.jt, 0});
             }
         }
         wait(inputs_arrived[wg], phase);
@@ -148,14 +135,9 @@ __global__ __launch_bounds__(config::num_threads, 1) void output_kernel(const __
             v = sigmoid(gv + g_bias[col]) * (v + z_bias[col]);
         });
 
-        // The previous tile's store has finished reading mine.out, and every
-        // warp's wgmma has finished reading mine.x and mine.z.
-        if (lane == 0) tma::store_async_read_wait();
-        warpgroup::sync(barrier_id);
-        warpgroup::store(mine.out, y);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        warpgroup::sync(barrier_id);
-        if (lane == 0) tma::store_async(g.out, mine.out, pc);
+        // Its barriers also see every warp's wgmma done with mine.x and mine.z
+        // before the next tile's loads.
+        trimul::store_through_shared<dim::ROW, 0>(g.out, mine.out, y, pc, barrier_id);
     }
     if (lane == 0) tma::store_async_wait();
 }
@@ -165,8 +147,7 @@ void launch(const TrimulOutputArgs& args, cudaStream_t stream) {
     using G = globals<T, C, H>;
     const size_t batch = static_cast<size_t>(args.batch), n = static_cast<size_t>(args.n);
     const size_t padded = static_cast<size_t>(trimul_padded(args.n));
-    const long long tiles = static_cast<long long>(batch * n * (padded / config::pairs));
-    if (tiles > INT_MAX) throw std::invalid_argument("genie_tk.trimul_output: too many pair tiles for one launch");
+    const int tiles = trimul::pair_tiles(args.batch, args.n, "genie_tk.trimul_output");
     const auto pairs = [&](const void* p) {
         return typename G::pair_layout{static_cast<T*>(const_cast<void*>(p)), batch, n, n, nullptr};
     };
@@ -187,39 +168,20 @@ void launch(const TrimulOutputArgs& args, cudaStream_t stream) {
         args.eps,
         args.n,
         static_cast<int>(padded / config::pairs),
-        static_cast<int>(tiles),
+        tiles,
     };
-    auto kernel = output_kernel<T, C, H>;
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(G::dynamic_shared_memory())),
-               "cudaFuncSetAttribute(trimul_output)");
-    int device = 0, sms = 0;
-    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    const long long blocks = (tiles + config::warpgroups - 1) / config::warpgroups;
-    const int grid = static_cast<int>(std::min<long long>(blocks, sms));
-    kernel<<<grid, config::num_threads, G::dynamic_shared_memory(), stream>>>(g);
-    cuda_check(cudaGetLastError(), "launching trimul_output_sm90");
-}
-
-template <typename T>
-void dispatch_sizes(const TrimulOutputArgs& args, cudaStream_t stream) {
-    if (args.c == 64 && args.hidden == 64) return launch<T, 64, 64>(args, stream);
-    if (args.c == 64 && args.hidden == 128) return launch<T, 64, 128>(args, stream);
-    if (args.c == 128 && args.hidden == 64) return launch<T, 128, 64>(args, stream);
-    if (args.c == 128 && args.hidden == 128) return launch<T, 128, 128>(args, stream);
-    throw std::invalid_argument("genie_tk.trimul_output: c_z and c_hidden must be 64 or 128");
+    trimul::launch_persistent(output_kernel<T, C, H>, g, (tiles + config::warpgroups - 1) / config::warpgroups,
+                              config::num_threads, G::shared_memory::bytes, stream, "genie_tk.trimul_output");
 }
 
 }  // namespace trimul_output
 
 void trimul_output_sm90(const TrimulOutputArgs& args, cudaStream_t stream) {
     if (args.batch == 0 || args.n == 0) return;
-    if (args.dtype == TrimulDtype::kBFloat16) {
-        trimul_output::dispatch_sizes<kittens::bf16>(args, stream);
-    } else {
-        trimul_output::dispatch_sizes<kittens::half>(args, stream);
-    }
+    trimul::dispatch_dtype(args.dtype, [&]<typename T>() {
+        trimul::dispatch_channels(args.c, args.hidden, "genie_tk.trimul_output",
+                                  [&]<int C, int H>() { trimul_output::launch<T, C, H>(args, stream); });
+    });
 }
 
 }  // namespace genie_tk
