@@ -13,7 +13,8 @@ What the first GPU session runs (``pytest -m cuda``; every test here is marked
   same precision against the fp64 oracle; float16 with inputs that overflow
   without OpenFold's normalisation;
 * opcheck, ``torch.compile(fullgraph=True)`` of a module on tk, a non-default
-  stream, leading batch axes, float32 under autocast, argument errors.
+  stream, leading batch axes, strided and unaligned views, float32 under
+  autocast, argument errors.
 
 When all of it passes, set ``verified=True`` in ``tk_trimul.py``.
 """
@@ -261,6 +262,21 @@ def test_leading_batch_axes_and_side_stream():
     assert torch.equal(got, want)
     flat = module(z.reshape(6, 33, 33, 64), mask=mask.reshape(6, 33, 33))
     assert torch.equal(flat.reshape(z.shape), want)
+
+
+def test_strided_and_unaligned_views():
+    """Views that are not contiguous or do not start on a 16-byte boundary are copied, not refused."""
+    n, c = 37, 64
+    module = build(genie_tk.TriangleMultiplicationOutgoing, c, c, 0, seed=12, dtype=torch.bfloat16).cuda()
+    module.backend = "tk"
+    z = torch.randn(1, n, n, c, device="cuda", dtype=torch.bfloat16)
+    want = module(z)
+    wide = torch.zeros(1, n, n, c + 8, device="cuda", dtype=torch.bfloat16)
+    wide[..., :c] = z
+    shifted = torch.zeros(z.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    shifted[1:] = z.flatten()
+    for view in (wide[..., :c], shifted[1:].view(z.shape)):
+        assert torch.equal(module(view), want)
 
 
 def test_float32_under_autocast_runs_the_kernels():

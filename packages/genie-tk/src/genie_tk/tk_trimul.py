@@ -330,9 +330,17 @@ def _kernels(z: Tensor):
     return _C if z.is_cuda else Emulation
 
 
-def _detached(*tensors: Tensor | None) -> list[Tensor | None]:
-    """DLPack refuses tensors that require grad."""
-    return [None if t is None else t.detach() for t in tensors]
+def _kernel_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Detached (DLPack refuses tensors that require grad), contiguous, and starting on a
+    16-byte boundary (TMA), copying only views that are not."""
+    out = []
+    for t in tensors:
+        if t is not None:
+            t = t.detach().contiguous()
+            if t.data_ptr() % 16:
+                t = t.clone()
+        out.append(t)
+    return out
 
 
 if HAS_EXTENSION and all(hasattr(_C, name) for name in _KERNELS):
@@ -346,7 +354,7 @@ if HAS_EXTENSION and all(hasattr(_C, name) for name in _KERNELS):
         """Tri-mul forward on ``z [B, N, N, C]`` (contiguous; bf16/fp16 on CUDA): ``(out
         [B, N, N, C], x [B, Ch, N, Np], stats fp32 [5])``. ``mask``: fp32 ``[B, N, N]`` or
         ``None``; LayerNorm parameters and biases fp32; projection weights in z's dtype."""
-        return forward(_kernels(z), *_detached(z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_out_w,
+        return forward(_kernels(z), *_kernel_inputs(z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_out_w,
                                                ln_out_b, po_w, po_b, go_w, go_b), outgoing, eps)
 
     @trimul_fwd.register_fake
@@ -365,7 +373,7 @@ if HAS_EXTENSION and all(hasattr(_C, name) for name in _KERNELS):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                Tensor, Tensor]:
         """Gradients of ``trimul_fwd``'s ``out`` for ``z`` and the twelve parameters."""
-        return backward(_kernels(z), *_detached(dout, z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_out_w,
+        return backward(_kernels(z), *_kernel_inputs(dout, z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_out_w,
                                                 ln_out_b, po_w, po_b, go_w, go_b, x, stats), outgoing, eps)
 
     @trimul_bwd.register_fake
