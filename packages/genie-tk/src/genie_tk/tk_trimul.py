@@ -127,7 +127,9 @@ def normalisation(moments: Tensor | None, count: int, device: torch.device) -> T
     so that the backward adds no term through them.
     """
     if moments is None:
-        return torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], device=device)
+        stats = torch.zeros(5, device=device)  # a fill, not a copy from the host
+        stats[0] = 1.0
+        return stats
     sums, squares = moments[0::2], moments[1::2]
     mean = sums / count
     std = ((squares - sums * mean) / (count - 1)).clamp_min(0).sqrt()
