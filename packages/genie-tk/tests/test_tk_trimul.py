@@ -205,6 +205,26 @@ def test_glue_matches_reference_fp64(cls, b, n, masked):
         assert_close(f"weight {k}", got, want, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_glue_in_half_precision(dtype):
+    """The kernels' dtypes as ``run`` passes them (GEMM weights in the compute dtype,
+    the rest fp32): the backward's half-precision GEMMs stay within rounding."""
+    cls = genie_tk.FusedTriangleMultiplicationIncoming
+    m, z, mask, cot, ref_out, ref_dz, ref_dw = reference_case(cls, 1, 9, 64, 64, seed=5)
+    gemm = {2, 4, 8, 10}  # p_w, g_w, linear_z, linear_g
+    weights = [w.detach().to(dtype if k in gemm else torch.float32) for k, w in enumerate(weights_of(m))]
+    zh, mask32 = z.to(dtype), mask.float()
+    out, x, stats = tk_trimul.forward(tk_trimul.Emulation, zh, mask32, *weights, False, 1e-5)
+    assert out.dtype == dtype and bool(stats[0] != 1) == (dtype == torch.float16)
+    assert_close("out", out, ref_out, 3e-2)
+    grads = tk_trimul.backward(tk_trimul.Emulation, cot.to(dtype), zh, mask32, *weights, x, stats, False, 1e-5)
+    assert grads[0].dtype == dtype
+    assert_close("dz", grads[0], ref_dz, 3e-2)
+    for k, (got, want) in enumerate(zip(grads[1:], ref_dw)):
+        assert got.dtype == weights[k].dtype
+        assert_close(f"weight {k}", got, want, 3e-2)
+
+
 @pytest.mark.parametrize("cls", TRI_MUL[2:], ids=lambda c: c.__name__)
 def test_float16_normalisation_and_its_gradient(monkeypatch, cls):
     """OpenFold's float16 branch (a / std(a), b / std(b)) in fp64: the contraction's

@@ -16,8 +16,9 @@ its ``NOTES.md``):
 Backward saves only ``z``, the mask, the weights, ``x`` and five scalars. It
 recomputes ``a`` and ``b`` with ``trimul_input``, runs the two contractions of
 the same shape (``dA``, ``dB``) with ``trimul_contract``, and does the
-pointwise work and the weight gradients in PyTorch (fp32), a block of rows at a
-time, recomputing what it needs from ``z`` and ``x``.
+pointwise work and the weight gradients in PyTorch (element-wise in fp32, GEMM
+operands in the compute dtype), a block of rows at a time, recomputing what it
+needs from ``z`` and ``x``.
 
 float16: as in OpenFold, ``a`` and ``b`` are normalised by their standard
 deviations (over the whole tensor); here the input kernel accumulates their
@@ -144,9 +145,30 @@ def _blocks(n: int, per_row: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _outer(dy: Tensor, x: Tensor) -> Tensor:
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.mm takes out_dtype there
+
+
+def _matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` (``b`` 2-D) for the backward: operands rounded to ``dtype``, the compute
+    dtype (so half types run on tensor cores), the product in fp32 where torch can return
+    it unrounded; fp32 and fp64 operands multiply as they are."""
+    if dtype not in _HALF:
+        return a @ b
+    a2, b2 = a.reshape(-1, a.shape[-1]).to(dtype), b.to(dtype)
+    device = a.device.type
+    if _MM_OUT_DTYPE.get(device, True):
+        try:
+            return torch.mm(a2, b2, out_dtype=torch.float32).reshape(*a.shape[:-1], b.shape[-1])
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # no fp32-output mm for this device in this torch
+            _MM_OUT_DTYPE[device] = False
+    return (a2 @ b2).float().reshape(*a.shape[:-1], b.shape[-1])
+
+
+def _outer(dy: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     """Weight gradient of ``y = x Wᵀ`` summed over every leading axis: ``dyᵀ x``."""
-    return dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return _matmul(dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1]), dtype)
 
 
 def _layer_norm(x, weight, bias, eps):
@@ -186,12 +208,19 @@ def backward(kernels, dout, z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_ou
     d po_w, d po_b, d go_w, d go_b)`` of :func:`forward`, each in its input's dtype."""
     bsz, n, _, c = z.shape
     ch = x.shape[1]
+    # Element-wise work in fp32 (fp64 for fp64); GEMM operands in the compute dtype.
     acc = torch.promote_types(z.dtype, torch.float32)
+    cd = z.dtype
     stream = _stream(z)
-    ws = [w.to(acc) for w in (p_w, g_w, po_w, go_w)]
-    p_wf, g_wf, po_wf, go_wf = ws
+
+    def mm(a, w):  # a @ w
+        return _matmul(a, w, cd)
+
+    def outer(dy, x):
+        return _outer(dy, x, cd)
+
     d_lo_w, d_lo_b = torch.zeros_like(ln_out_w, dtype=acc), torch.zeros_like(ln_out_b, dtype=acc)
-    d_po_w, d_po_b = torch.zeros_like(po_wf), torch.zeros(c, dtype=acc, device=z.device)
+    d_po_w, d_po_b = torch.zeros_like(po_w, dtype=acc), torch.zeros(c, dtype=acc, device=z.device)
     blocks = _blocks(n, bsz * n * (4 * ch + 4 * c))
 
     # 1. Gradient of x (channel-first, zero padding) and of the output side's
@@ -200,13 +229,13 @@ def backward(kernels, dout, z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_ou
     dx_dot_x = torch.zeros((), dtype=torch.float64, device=z.device)  # Σ dx·x for the fp16 stds
     for i0, i1 in blocks:
         zn = F.layer_norm(z[:, i0:i1].to(acc), (c,), ln_in_w, ln_in_b, eps)
-        gate = torch.sigmoid(zn @ go_wf.T + go_b)
+        gate = torch.sigmoid(mm(zn, go_w.T) + go_b)
         xc = x[:, :, i0:i1, :n].permute(0, 2, 3, 1).to(acc)  # [B, rows, N, Ch]
         xn, mean, rstd = _layer_norm(xc, ln_out_w, ln_out_b, eps)
         dy = dout[:, i0:i1].to(acc) * gate
-        d_po_w += _outer(dy, xn)
+        d_po_w += outer(dy, xn)
         d_po_b += dy.sum((0, 1, 2))
-        dxc, dw, db = _layer_norm_backward(dy @ po_wf, xc, mean, rstd, ln_out_w, ln_out_b)
+        dxc, dw, db = _layer_norm_backward(mm(dy, po_w), xc, mean, rstd, ln_out_w, ln_out_b)
         d_lo_w += dw
         d_lo_b += db
         dx_dot_x += (dxc.double() * xc.double()).sum()
@@ -235,31 +264,30 @@ def backward(kernels, dout, z, mask, ln_in_w, ln_in_b, p_w, p_b, g_w, g_b, ln_ou
     mean_ab = mean_ab.repeat_interleave(ch).to(acc)
     dz = torch.empty_like(z)
     d_ln_w, d_ln_b = torch.zeros_like(ln_in_w, dtype=acc), torch.zeros_like(ln_in_b, dtype=acc)
-    d_p_w, d_p_b = torch.zeros_like(p_wf), torch.zeros_like(p_b, dtype=acc)
-    d_g_w, d_g_b = torch.zeros_like(g_wf), torch.zeros_like(g_b, dtype=acc)
-    d_go_w, d_go_b = torch.zeros_like(go_wf), torch.zeros(c, dtype=acc, device=z.device)
+    d_p_w, d_p_b = torch.zeros_like(p_w, dtype=acc), torch.zeros_like(p_b, dtype=acc)
+    d_g_w, d_g_b = torch.zeros_like(g_w, dtype=acc), torch.zeros_like(g_b, dtype=acc)
+    d_go_w, d_go_b = torch.zeros_like(go_w, dtype=acc), torch.zeros(c, dtype=acc, device=z.device)
     for i0, i1 in blocks:
         zc = z[:, i0:i1].to(acc)
         zn, mean, rstd = _layer_norm(zc, ln_in_w, ln_in_b, eps)
-        g_pre = zn @ go_wf.T + go_b
-        gate = torch.sigmoid(g_pre)
+        gate = torch.sigmoid(mm(zn, go_w.T) + go_b)
         xn = F.layer_norm(x[:, :, i0:i1, :n].permute(0, 2, 3, 1).to(acc), (ch,), ln_out_w, ln_out_b, eps)
         do = dout[:, i0:i1].to(acc)
-        d_gate = do * (xn @ po_wf.T + po_b) * gate * (1 - gate)
-        d_go_w += _outer(d_gate, zn)
+        d_gate = do * (mm(xn, po_w.T) + po_b) * gate * (1 - gate)
+        d_go_w += outer(d_gate, zn)
         d_go_b += d_gate.sum((0, 1, 2))
-        proj = zn @ p_wf.T + p_b
-        sig = torch.sigmoid(zn @ g_wf.T + g_b)
+        proj = mm(zn, p_w.T) + p_b
+        sig = torch.sigmoid(mm(zn, g_w.T) + g_b)
         m = 1.0 if mask is None else mask[:, i0:i1, :, None].to(acc)
         d_ab = dab[:, :, :, i0:i1, :n].permute(1, 3, 4, 0, 2).reshape(bsz, i1 - i0, n, 2 * ch).to(acc)
         d_ab = d_ab + coef * (m * sig * proj - mean_ab)
         d_proj = d_ab * m * sig
         d_sig = d_ab * m * proj * sig * (1 - sig)
-        d_p_w += _outer(d_proj, zn)
+        d_p_w += outer(d_proj, zn)
         d_p_b += d_proj.sum((0, 1, 2))
-        d_g_w += _outer(d_sig, zn)
+        d_g_w += outer(d_sig, zn)
         d_g_b += d_sig.sum((0, 1, 2))
-        dzn = d_proj @ p_wf + d_sig @ g_wf + d_gate @ go_wf
+        dzn = mm(d_proj, p_w) + mm(d_sig, g_w) + mm(d_gate, go_w)
         dzc, dw, db = _layer_norm_backward(dzn, zc, mean, rstd, ln_in_w, ln_in_b)
         d_ln_w += dw
         d_ln_b += db
