@@ -20,6 +20,8 @@ namespace nb = nanobind;
 
 inline constexpr nb::dlpack::dtype kBFloat16{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bfloat),
                                              16, 1};
+inline constexpr nb::dlpack::dtype kFloat16{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
+inline constexpr nb::dlpack::dtype kFloat32{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
 
 inline std::string dtype_name(nb::dlpack::dtype dt) {
     std::string base;

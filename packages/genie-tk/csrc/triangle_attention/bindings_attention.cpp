@@ -20,8 +20,6 @@ using namespace nb::literals;
 namespace genie_tk {
 namespace {
 
-constexpr nb::dlpack::dtype kFloat16{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
-constexpr nb::dlpack::dtype kFloat32{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
 // TMA boxes and the kernels' float2 loads need aligned bases.
 constexpr std::size_t kAlignment = 16;
 // TMA global strides must stay below 2^40 bytes.

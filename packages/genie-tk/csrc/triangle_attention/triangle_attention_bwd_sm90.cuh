@@ -25,7 +25,7 @@
 // and is far slower.
 //
 // Both kernels: one producer warpgroup streams the per-step tiles with TMA
-// through `stages` buffers (stage_ready / stage_free semaphores), two consumer
+// through `stages` buffers (`pipeline`, triangle_attention_common_sm90.cuh), two consumer
 // warpgroups compute. Per-row statistics (max, log2 sum, delta) are read by
 // the consumers with plain loads, issued before the MMA wait.
 #pragma once
@@ -100,7 +100,8 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
     score_tile(&ds_s)[2][C::consumers] = al.allocate<score_tile, 2, C::consumers>();
     accum_tile& dq_s = al.allocate<accum_tile>();
 
-    __shared__ semaphore kv_ready, stage_ready[C::stages], stage_free[C::stages];
+    __shared__ semaphore kv_ready;
+    __shared__ pipeline<C::stages> pipe;
 
     int tile = blockIdx.x;
     const int key_super = tile % g.key_supers;
@@ -115,10 +116,7 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
 
     if (threadIdx.x == 0) {
         init_semaphore(kv_ready, 0, 1);
-        for (int s = 0; s < C::stages; ++s) {
-            init_semaphore(stage_ready[s], 0, 1);
-            init_semaphore(stage_free[s], C::consumers * WARPGROUP_WARPS, 0);
-        }
+        pipe.init(C::consumers * WARPGROUP_WARPS);
         tma::expect_bytes(kv_ready, sizeof(k_s) + sizeof(v_s) + sizeof(key_s));
         for (int w = 0; w < C::consumers; ++w) {
             const coord<rows_tile> kv{b, depth, kb0 + w, 0};
@@ -135,14 +133,12 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
         if (warpgroup::laneid() == 0) {
             constexpr uint32_t stage_bytes = 2 * sizeof(rows_tile) + C::consumers * sizeof(score_tile);
             for (int qt = 0; qt < query_tiles; ++qt) {
-                const int s = qt % C::stages;
-                if (qt >= C::stages) wait(stage_free[s], ((qt / C::stages) - 1) & 1);
-                tma::expect_bytes(stage_ready[s], stage_bytes);
+                const int s = pipe.acquire(qt, stage_bytes);
                 const coord<rows_tile> rows{b, depth, qt, 0};
-                tma::load_async(q_s[s], g.q, rows, stage_ready[s]);
-                tma::load_async(do_s[s], g.dout, rows, stage_ready[s]);
+                tma::load_async(q_s[s], g.q, rows, pipe.ready[s]);
+                tma::load_async(do_s[s], g.dout, rows, pipe.ready[s]);
                 for (int w = 0; w < C::consumers; ++w) {
-                    tma::load_async(bias_s[s][w], g.bias, coord<score_tile>{b, h, qt, kb0 + w}, stage_ready[s]);
+                    tma::load_async(bias_s[s][w], g.bias, coord<score_tile>{b, h, qt, kb0 + w}, pipe.ready[s]);
                 }
             }
         }
@@ -159,10 +155,9 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
 
     wait(kv_ready, 0);
     for (int qt = 0; qt < query_tiles; ++qt) {
-        const int s = qt % C::stages;
         const int buf = qt % 2;
         const row_stats stats = load_row_stats(g.stats, g.delta, slice, qt * kBlock + warpgroup::warpid() * 16, g.n);
-        wait(stage_ready[s], (qt / C::stages) & 1);
+        const int s = pipe.wait_ready(qt);
 
         typename tl::scores att, dp, bias;
         warpgroup::mm_ABt(att, q_s[s], k_s[wg]);
@@ -189,7 +184,7 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
             warpgroup::mma_AB(dq, ds_s[buf][1], k_s[1]);
         }
         warpgroup::mma_async_wait();
-        release(stage_free[s]);
+        pipe.release(s);
 
         if (wg == 0) {
             warp::mul(dq, dq, g.scale);
@@ -276,7 +271,8 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
     rows_tile(&v_s)[C::stages][C::key_blocks] = al.allocate<rows_tile, C::stages, C::key_blocks>();
     key_vec(&key_s)[C::stages][C::key_blocks] = al.allocate<key_vec, C::stages, C::key_blocks>();
 
-    __shared__ semaphore bias_ready, stage_ready[C::stages], stage_free[C::stages];
+    __shared__ semaphore bias_ready;
+    __shared__ pipeline<C::stages> pipe;
 
     // Key superblock fastest, then query superblock: concurrent CTAs share the
     // q/dout and K/V tiles of the same rows.
@@ -296,10 +292,7 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
 
     if (threadIdx.x == 0) {
         init_semaphore(bias_ready, 0, 1);
-        for (int s = 0; s < C::stages; ++s) {
-            init_semaphore(stage_ready[s], 0, 1);
-            init_semaphore(stage_free[s], C::consumers * WARPGROUP_WARPS, 0);
-        }
+        pipe.init(C::consumers * WARPGROUP_WARPS);
         tma::expect_bytes(bias_ready, sizeof(bias_s));
         for (int cj = 0; cj < C::query_blocks; ++cj) {
             for (int ck = 0; ck < C::key_blocks; ++ck) {
@@ -317,20 +310,18 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
             constexpr uint32_t stage_bytes =
                 C::query_blocks * 2 * sizeof(rows_tile) + C::key_blocks * (2 * sizeof(rows_tile) + sizeof(key_vec));
             for (int step = 0, i = i_begin; i < i_end; ++step, ++i) {
-                const int s = step % C::stages;
-                if (step >= C::stages) wait(stage_free[s], ((step / C::stages) - 1) & 1);
-                tma::expect_bytes(stage_ready[s], stage_bytes);
+                const int s = pipe.acquire(step, stage_bytes);
                 const int depth = i * g.heads + h;
                 for (int cj = 0; cj < C::query_blocks; ++cj) {
                     const coord<rows_tile> rows{b, depth, jb0 + cj, 0};
-                    tma::load_async(q_s[s][cj], g.q, rows, stage_ready[s]);
-                    tma::load_async(do_s[s][cj], g.dout, rows, stage_ready[s]);
+                    tma::load_async(q_s[s][cj], g.q, rows, pipe.ready[s]);
+                    tma::load_async(do_s[s][cj], g.dout, rows, pipe.ready[s]);
                 }
                 for (int ck = 0; ck < C::key_blocks; ++ck) {
                     const coord<rows_tile> keys{b, depth, kb0 + ck, 0};
-                    tma::load_async(k_s[s][ck], g.k, keys, stage_ready[s]);
-                    tma::load_async(v_s[s][ck], g.v, keys, stage_ready[s]);
-                    tma::load_async(key_s[s][ck], g.key_bias, coord<key_vec>{0, b, i, kb0 + ck}, stage_ready[s]);
+                    tma::load_async(k_s[s][ck], g.k, keys, pipe.ready[s]);
+                    tma::load_async(v_s[s][ck], g.v, keys, pipe.ready[s]);
+                    tma::load_async(key_s[s][ck], g.key_bias, coord<key_vec>{0, b, i, kb0 + ck}, pipe.ready[s]);
                 }
             }
         }
@@ -351,17 +342,16 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
     warpgroup::load(bias, bias_s[wg]);
 
     for (int step = 0, i = i_begin; i < i_end; ++step, ++i) {
-        const int s = step % C::stages;
         const std::int64_t slice = ((static_cast<std::int64_t>(b) * g.rows + i) * g.heads + h) * g.n;
         const row_stats stats = load_row_stats(g.stats, g.delta, slice, row0, g.n);
-        wait(stage_ready[s], (step / C::stages) & 1);
+        const int s = pipe.wait_ready(step);
 
         typename tl::scores att, dp;
         warpgroup::mm_ABt(att, q_s[s][cj], k_s[s][ck]);
         warpgroup::mm_ABt(dp, do_s[s][cj], v_s[s][ck]);
         warpgroup::mma_async_wait();
         biased_scores(att, bias, key_s[s][ck], g.scale_log2, kb * kBlock, g.n);
-        release(stage_free[s]);  // key bias read; q, k, v, dout only by the MMAs above
+        pipe.release(s);  // key bias read; q, k, v, dout only by the MMAs above
         probabilities_and_dscores(att, dp, stats);
         warp::add(acc, acc, dp);
     }

@@ -80,13 +80,45 @@ __device__ inline float fast_exp2(float x) {
 // each writing thread fences before the barrier that publishes the writes.
 __device__ inline void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// A consumer warp is done with a pipeline stage: its MMAs on the stage were
-// waited and the values it loaded from it used. __syncwarp orders the other
-// lanes' shared-memory reads before lane 0's release-arrive.
-__device__ inline void release(semaphore& stage_free) {
-    __syncwarp();
-    warp::arrive(stage_free);
-}
+// The ring of `Stages` shared-memory buffers between the producer and the
+// consumers: ready[s] completes when the producer's TMA loads into
+// buffer s have landed (one expect-tx arrival), free[s] when every
+// consumer warp has released it. Step t uses buffer t % Stages in its
+// (t / Stages)-th round; a phase's parity is the round's.
+template <int Stages>
+struct pipeline {
+    semaphore ready[Stages];
+    semaphore free[Stages];
+
+    // Thread 0, before the CTA-wide barrier.
+    __device__ inline void init(int consumer_warps) {
+        for (int s = 0; s < Stages; ++s) {
+            init_semaphore(ready[s], 0, 1);
+            init_semaphore(free[s], consumer_warps, 0);
+        }
+    }
+    // Producer: waits until buffer step % Stages is free (from the second
+    // round on), announces `bytes` of TMA loads on it; returns the buffer.
+    __device__ inline int acquire(int step, uint32_t bytes) {
+        const int s = step % Stages;
+        if (step >= Stages) kittens::wait(free[s], ((step / Stages) - 1) & 1);
+        tma::expect_bytes(ready[s], bytes);
+        return s;
+    }
+    // Consumers: waits until the loads of `step` have landed; returns the buffer.
+    __device__ inline int wait_ready(int step) {
+        const int s = step % Stages;
+        kittens::wait(ready[s], (step / Stages) & 1);
+        return s;
+    }
+    // Consumer warp: done with the buffer of `step` (its MMAs on it waited,
+    // the values it loaded from it used). __syncwarp orders the other lanes'
+    // shared-memory reads before lane 0's release-arrive.
+    __device__ inline void release(int s) {
+        __syncwarp();
+        warp::arrive(free[s]);
+    }
+};
 
 // Position of element (tile t, slot k, half h) of a warp's 16 x 64 register
 // tile (ThunderKittens' row layout): row within the warp's 16, column 0..63.

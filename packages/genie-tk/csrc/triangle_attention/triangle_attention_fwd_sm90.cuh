@@ -7,7 +7,7 @@
 // key tile and through a ring of `stages` buffers,
 //   K, V and the key (mask) biases of every row ci,
 //   the 64 x 64 triangle-bias tile of every query block cj,
-// with TMA, signalling `stage_ready` and waiting on `stage_free`.
+// with TMA (see `pipeline` in triangle_attention_common_sm90.cuh).
 //
 // Why this split: per score element a consumer reads 4D/64 bytes of K/V and
 // 2 bytes of triangle bias from L2 (the bias is shared by all rows i but each
@@ -87,7 +87,8 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
     score_tile(&bias_s)[C::stages][C::query_blocks] = al.allocate<score_tile, C::stages, C::query_blocks>();
     key_vec(&key_s)[C::stages][C::rows_per_cta] = al.allocate<key_vec, C::stages, C::rows_per_cta>();
 
-    __shared__ semaphore q_ready, stage_ready[C::stages], stage_free[C::stages];
+    __shared__ semaphore q_ready;
+    __shared__ pipeline<C::stages> pipe;
 
     // Query superblock fastest: CTAs that run together share K/V of one (i, h).
     int tile = blockIdx.x;
@@ -103,10 +104,7 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
 
     if (threadIdx.x == 0) {
         init_semaphore(q_ready, 0, 1);
-        for (int s = 0; s < C::stages; ++s) {
-            init_semaphore(stage_ready[s], 0, 1);
-            init_semaphore(stage_free[s], C::consumers * WARPGROUP_WARPS, 0);  // one arrival per consumer warp
-        }
+        pipe.init(C::consumers * WARPGROUP_WARPS);
         tma::expect_bytes(q_ready, sizeof(q_s));
         for (int ci = 0; ci < C::rows_per_cta; ++ci) {
             for (int cj = 0; cj < C::query_blocks; ++cj) {
@@ -124,17 +122,15 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
             constexpr uint32_t stage_bytes =
                 C::rows_per_cta * (2 * sizeof(rows_tile) + sizeof(key_vec)) + C::query_blocks * sizeof(score_tile);
             for (int kt = 0; kt < key_tiles; ++kt) {
-                const int s = kt % C::stages;
-                if (kt >= C::stages) wait(stage_free[s], ((kt / C::stages) - 1) & 1);
-                tma::expect_bytes(stage_ready[s], stage_bytes);
+                const int s = pipe.acquire(kt, stage_bytes);
                 for (int ci = 0; ci < C::rows_per_cta; ++ci) {
                     const coord<rows_tile> kv{b, (i0 + ci) * g.heads + h, kt, 0};
-                    tma::load_async(k_s[s][ci], g.k, kv, stage_ready[s]);
-                    tma::load_async(v_s[s][ci], g.v, kv, stage_ready[s]);
-                    tma::load_async(key_s[s][ci], g.key_bias, coord<key_vec>{0, b, i0 + ci, kt}, stage_ready[s]);
+                    tma::load_async(k_s[s][ci], g.k, kv, pipe.ready[s]);
+                    tma::load_async(v_s[s][ci], g.v, kv, pipe.ready[s]);
+                    tma::load_async(key_s[s][ci], g.key_bias, coord<key_vec>{0, b, i0 + ci, kt}, pipe.ready[s]);
                 }
                 for (int cj = 0; cj < C::query_blocks; ++cj) {
-                    tma::load_async(bias_s[s][cj], g.bias, coord<score_tile>{b, h, jb0 + cj, kt}, stage_ready[s]);
+                    tma::load_async(bias_s[s][cj], g.bias, coord<score_tile>{b, h, jb0 + cj, kt}, pipe.ready[s]);
                 }
             }
         }
@@ -153,8 +149,7 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
 
     wait(q_ready, 0);
     for (int kt = 0; kt < key_tiles; ++kt) {
-        const int s = kt % C::stages;
-        wait(stage_ready[s], (kt / C::stages) & 1);
+        const int s = pipe.wait_ready(kt);
 
         typename tl::scores att;
         typename tl::scores_mma bias;  // kept in bf16/fp16 (half the registers), widened in biased_scores
@@ -189,7 +184,7 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
         warp::copy(p, att);
         warpgroup::mma_AB(o, p, v_s[s][ci]);
         warpgroup::mma_async_wait();
-        release(stage_free[s]);
+        pipe.release(s);
     }
 
     warp::div_row(o, o, row_sum);
