@@ -6,15 +6,12 @@ collective here takes the shard, so uneven blocks need no padding of the model's
 (the communication buffers are flat and sized per peer), and every one is an
 ``autograd.Function`` whose backward is the adjoint collective:
 
-==============================  ======================================  =========================
-function                        forward                                 backward
-==============================  ======================================  =========================
-:func:`gather_rows`             all-gather the row blocks               reduce-scatter (sum)
-:func:`transpose_rows`          rows of ``z`` -> rows of ``zᵀ`` (all-to-all)  the same all-to-all
-:func:`all_reduce_sum`          all-reduce (sum)                        all-reduce (sum)
-:func:`row_gathered_product`    ``x_ij = Σ_k l_ik r_jk``, ``r``'s rows  broadcast again, reduce the
-                                broadcast one block at a time           ``r`` blocks (sum)
-==============================  ======================================  =========================
+* :func:`gather_rows`: all-gather of the row blocks; backward: reduce-scatter (sum).
+* :func:`transpose_rows`: rows of ``z`` -> rows of ``zᵀ`` (one all-to-all); backward: the same.
+* :func:`all_reduce_sum`: all-reduce (sum); backward: all-reduce (sum).
+* :func:`row_gathered_product`: ``x_ij = Σ_k l_ik r_jk`` with the row blocks of ``r``
+  broadcast one at a time; backward: broadcast again, and reduce each block's gradient (sum)
+  to its owner.
 
 Gradient convention: a gradient that reaches a tensor shared by the group (a weight, or an
 input every rank holds whole) is this rank's share of it; the group's sum of the shares is

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["BACKENDS", "ProcessGrid", "init_distributed", "resolve_backend"]
+__all__ = ["BACKENDS", "ProcessGrid", "init_distributed", "launched", "resolve_backend"]
 
 BACKENDS = ("auto", "gloo", "nccl")
 

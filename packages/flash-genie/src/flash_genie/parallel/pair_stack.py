@@ -46,7 +46,9 @@ __all__ = ["pair_layer", "pair_stack"]
 
 
 def _global_std(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """``t.std()`` of the tensor whose blocks the ranks hold (two passes, differentiable)."""
+    """``t.std()`` of the tensor whose blocks the ranks hold, in float32 (two passes,
+    differentiable)."""
+    t = t.float()
     count = t.numel() // t.shape[1] * shard.n
     mean = all_reduce_sum(t.sum(), shard) / count
     return torch.sqrt(all_reduce_sum(((t - mean) ** 2).sum(), shard) / (count - 1))
