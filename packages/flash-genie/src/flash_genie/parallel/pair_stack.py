@@ -132,21 +132,22 @@ def pair_layer(layer: PairTransformLayer, p: torch.Tensor, mask: torch.Tensor, m
     ``mask`` ``[B, I_r, N]`` holds the same rows of the pair mask, ``mask_t`` those of its
     transpose. Returns the layer's output rows.
     """
-    steps = []  # (needs the transposed layout, module, dropout)
+    def attention(module, z, m, shard):
+        return tri_att(module, z, m, shard, chunk_size)
+
+    steps = []  # (needs the transposed layout, update, module, dropout), in Genie's order
     if layer.tri_mul_out is not None:
-        steps += [(False, layer.tri_mul_out, layer.dropout_row), (True, layer.tri_mul_in, layer.dropout_row)]
+        steps += [(False, tri_mul, layer.tri_mul_out, layer.dropout_row),
+                  (True, tri_mul, layer.tri_mul_in, layer.dropout_row)]
     if layer.tri_att_start is not None:
-        steps += [(False, layer.tri_att_start, layer.dropout_row), (True, layer.tri_att_end, layer.dropout_col)]
+        steps += [(False, attention, layer.tri_att_start, layer.dropout_row),
+                  (True, attention, layer.tri_att_end, layer.dropout_col)]
     transposed = False
-    for needs_t, module, dropout in steps:
+    for needs_t, update, module, dropout in steps:
         if needs_t != transposed:
             p, transposed = transpose_rows(p, shard), needs_t
         m = mask_t if transposed else mask
-        if module in (layer.tri_mul_out, layer.tri_mul_in):
-            update = tri_mul(module, p, m, shard)
-        else:
-            update = tri_att(module, p, m, shard, chunk_size)
-        p = p + _dropout(dropout, update, transposed, shard)
+        p = p + _dropout(dropout, update(module, p, m, shard), transposed, shard)
     m = mask_t if transposed else mask
     p = p + layer.pair_transition(p, m)
     p = p * m.unsqueeze(-1).to(p.dtype)
