@@ -146,4 +146,15 @@ inline void check_cuda_tensor(const nb::ndarray<>& a, const char* name, nb::dlpa
     check_contiguous(a, name);
 }
 
+// A kernel operand: a C-contiguous CUDA tensor of `dtype` and `shape` (-1:
+// any size), on the device of `like`, starting at an `alignment`-byte address.
+inline void check_operand(const nb::ndarray<>& a, const char* name, nb::dlpack::dtype dtype,
+                          std::initializer_list<std::int64_t> shape, const nb::ndarray<>& like, const char* like_name,
+                          std::size_t alignment) {
+    check_cuda_tensor(a, name, dtype, shape.size());
+    check_shape(a, name, shape);
+    check_same_device(a, name, like, like_name);
+    check_alignment(a, name, alignment);
+}
+
 }  // namespace genie_tk

@@ -29,13 +29,9 @@ using Shape = std::initializer_list<std::int64_t>;
 
 std::int64_t dim(const nb::ndarray<>& a, std::size_t i) { return static_cast<std::int64_t>(a.shape(i)); }
 
-// A C-contiguous, aligned CUDA tensor of `dtype` and `shape` on the device of `like`.
 void check_tensor(const nb::ndarray<>& a, const char* name, nb::dlpack::dtype dtype, Shape shape,
                   const nb::ndarray<>& like, const char* like_name) {
-    check_cuda_tensor(a, name, dtype, shape.size());
-    check_shape(a, name, shape);
-    check_same_device(a, name, like, like_name);
-    check_alignment(a, name, kAlignment);
+    check_operand(a, name, dtype, shape, like, like_name, kAlignment);
 }
 
 // The problem described by q ([B, I, H, N, D], bf16 or fp16) after checking
