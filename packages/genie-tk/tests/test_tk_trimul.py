@@ -335,3 +335,18 @@ def test_compiled_op_matches_eager():
     assert torch.equal(got_out, want_out)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@needs_ops
+@pytest.mark.parametrize("kernel", ["trimul_contract", "trimul_input", "trimul_output"])
+def test_bindings_reject_cpu_tensors_naming_the_argument(kernel):
+    """The argument checks run before anything touches CUDA."""
+    h, f = torch.zeros(1, 2, 5, 64, dtype=torch.bfloat16), torch.zeros(64)
+    calls = {
+        "trimul_contract": (lambda ext: ext.trimul_contract(h, h, h, None, "AB", 0), "a"),
+        "trimul_input": (lambda ext: ext.trimul_input(h, None, h, None, f, f, h, f, h, f, 1e-5, 0), "z"),
+        "trimul_output": (lambda ext: ext.trimul_output(h, h, h, f, f, f, f, h, f, h, f, 1e-5, 0), "z"),
+    }
+    call, name = calls[kernel]
+    with pytest.raises(ValueError, match=rf"^{name} must be a CUDA tensor, got a tensor on cpu"):
+        call(_backend._C)

@@ -23,8 +23,6 @@ using namespace nb::literals;
 namespace genie_tk {
 namespace {
 
-constexpr nb::dlpack::dtype kFloat16{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
-constexpr nb::dlpack::dtype kFloat32{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
 constexpr nb::dlpack::dtype kFloat64{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 64, 1};
 // TMA boxes and 16-byte vector accesses need aligned bases.
 constexpr std::size_t kAlignment = 16;
@@ -45,10 +43,7 @@ void check_size(const nb::ndarray<>& a, const char* name) {
 // A C-contiguous, aligned CUDA tensor of `dtype` and `shape` (-1: any) on the device of `like`.
 void check_tensor(const nb::ndarray<>& a, const char* name, nb::dlpack::dtype dtype, Shape shape,
                   const nb::ndarray<>& like, const char* like_name) {
-    check_cuda_tensor(a, name, dtype, shape.size());
-    check_shape(a, name, shape);
-    check_same_device(a, name, like, like_name);
-    check_alignment(a, name, kAlignment);
+    check_operand(a, name, dtype, shape, like, like_name, kAlignment);
     check_size(a, name);
 }
 
