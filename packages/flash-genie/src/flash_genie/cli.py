@@ -1,4 +1,4 @@
-"""The ``flash-genie`` command: ``train``, ``sample``, ``evaluate``, ``data build``, ``check-parallel``.
+"""The ``flash-genie`` command: ``train``, ``sample``, ``evaluate``, ``data build``, ``check-parallel``, ``plan``.
 
 A thin layer: each subcommand parses its arguments and calls the library
 (:mod:`flash_genie.training`, :mod:`flash_genie.sampling`, :mod:`flash_genie.eval`,
@@ -143,6 +143,25 @@ def _check_parallel(args) -> int:
     return parallel_check.launch(args.nproc, args, timeout_s=args.timeout)
 
 
+def _plan(args) -> int:
+    import torch
+
+    from flash_genie.config import parse_bytes
+    from flash_genie.model import Denoiser
+    from flash_genie.planner import format_plan, plan
+
+    config = Config.from_file(args.config) if args.config else Config()
+    with torch.device("meta"):  # shapes only: no weights are allocated
+        model = Denoiser.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    budget = parse_bytes(args.memory)
+    candidates, chosen = plan(model.dims, parameters, args.length, args.batch, budget, precision=args.precision,
+                              chunk_size=args.chunk_size)
+    print(f"{config['name'] or 'Genie defaults'}: {parameters:,} parameters")
+    print(format_plan(candidates, chosen, args.length, args.batch, budget))
+    return 0 if chosen is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-genie", description="Genie protein backbone diffusion, long-sequence edition.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     parallel_check.arguments(p)
     p.add_argument("--timeout", type=float, default=600, help="seconds before the processes are stopped")
     p.set_defaults(run=_check_parallel)
+
+    p = sub.add_parser("plan", help="predict a training step's peak memory per configuration and propose the "
+                       "cheapest exact one that fits")
+    p.add_argument("--length", type=int, required=True, help="padded chain length L")
+    p.add_argument("--batch", type=int, default=1, help="chains per step B")
+    p.add_argument("--memory", default="80GiB", help="memory budget, e.g. 80GiB, 24GB")
+    p.add_argument("--config", help="Genie-format configuration (default: Genie's defaults, scope_l_128's model)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--chunk-size", type=int, default=64, help="rows per chunk of IPA and the pair transition")
+    p.set_defaults(run=_plan)
 
     p = sub.add_parser("data", help="datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KEYS", "Config", "ConfigError"]
+__all__ = ["KEYS", "Config", "ConfigError", "parse_bytes"]
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,7 @@ class Key:
     kind: str  # human-readable type for error messages
     check: Callable[[Any], bool] | None = None
     requirement: str = ""  # what ``check`` demands, for error messages
+    show: Callable[[Any], str] | None = None  # value -> text, where ``str`` is not the inverse of ``parse``
 
 
 def _int(text: str) -> int:
@@ -73,6 +74,50 @@ def _str_list(text: str) -> list[str]:
     return items
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size: ``80GiB``, ``80GB`` (10⁹ bytes), ``512MiB``, ``1.5TiB`` or plain bytes."""
+    body = text.strip()
+    digits = body.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = body[len(digits):].strip().upper()
+    if unit not in _UNITS:
+        raise ValueError(f"expected a size such as 80GiB, 80GB or 512MiB, got {text!r}")
+    try:
+        value = float(digits)
+    except ValueError:
+        raise ValueError(f"expected a size such as 80GiB, 80GB or 512MiB, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"a size cannot be negative, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def _curriculum(text: str) -> list[tuple[int, int]]:
+    """``128:1000,256:3000``: train at 128 residues until step 1000, then at 256 until step
+    3000, then at ``maximumNumResidues``; ``none`` for no curriculum."""
+    if text == "none":
+        return []
+    stages = []
+    for item in text.split(","):
+        length, sep, until = item.partition(":")
+        try:
+            stage = (int(length), int(until))
+        except ValueError:
+            stage = None
+        if not sep or stage is None or stage[0] < 1 or stage[1] < 1:
+            raise ValueError(f"expected length:until_step items such as 128:1000,256:3000, got {item!r}")
+        if stages and (stage[0] <= stages[-1][0] or stage[1] <= stages[-1][1]):
+            raise ValueError("lengths and step thresholds must both increase from one stage to the next")
+        stages.append(stage)
+    return stages
+
+
+def _format_curriculum(stages: list[tuple[int, int]]) -> str:
+    return ",".join(f"{length}:{until}" for length, until in stages) or "none"
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -94,8 +139,8 @@ def _probability(v: float) -> bool:
     return 0.0 <= v < 1.0
 
 
-def _k(name, section, field, default, parse, kind, check=None, requirement=""):
-    return Key(name, section, field, default, parse, kind, check, requirement)
+def _k(name, section, field, default, parse, kind, check=None, requirement="", show=None):
+    return Key(name, section, field, default, parse, kind, check, requirement, show)
 
 
 _POS = (_positive, "must be > 0")
@@ -163,6 +208,26 @@ KEYS: tuple[Key, ...] = (
     _k("warmupSteps", "trainer", "warmup_steps", 0, _int, "integer", *_NONNEG),
     _k("gradientClipVal", "trainer", "gradient_clip_val", 0.0, _float, "number", *_NONNEG),
     _k("emaDecay", "trainer", "ema_decay", 0.0, _float, "number", *_PROB),
+    # flash-genie's memory options (exact: none changes a number): section "memory"
+    _k("pairStackBackend", "memory", "pair_stack_backend", "auto",
+       _choice("auto", "torch", "reference", "tk"), "genie-tk backend"),
+    _k("activationCheckpointing", "memory", "checkpointing", "none",
+       _choice("none", "auto", "all"), "checkpointing policy"),
+    _k("memoryBudget", "memory", "memory_budget", 0, parse_bytes, "size"),
+    _k("ipaChunkSize", "memory", "ipa_chunk_size", 0, _int, "integer", *_NONNEG),
+    _k("pairTransitionChunkSize", "memory", "pair_transition_chunk_size", 0, _int, "integer", *_NONNEG),
+    _k("triangleAttentionChunkSize", "memory", "triangle_attention_chunk_size", 0, _int, "integer", *_NONNEG),
+    _k("inplaceResidual", "memory", "inplace", False, _bool, "boolean"),
+    _k("lossChunkSize", "memory", "loss_chunk_size", 0, _int, "integer", *_NONNEG),
+    # flash-genie's long-chain training options: section "longseq"
+    _k("positionalEncoding", "longseq", "positional_encoding", "genie",
+       _choice("genie", "absolute"), "encoding"),
+    _k("lengthCurriculum", "longseq", "length_curriculum", [], _curriculum, "length curriculum",
+       show=_format_curriculum),
+    _k("auxDistanceLossWeight", "longseq", "aux_distance_weight", 0.0, _float, "number", *_NONNEG),
+    _k("auxDistanceCutoff", "longseq", "aux_distance_cutoff", 6.0, _float, "number", *_POS),
+    _k("auxDistanceTimeFraction", "longseq", "aux_distance_time_fraction", 0.25, _float, "number",
+       lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     # flash-genie's distributed training keys (torchrun): section "parallel"
     _k("sequenceParallelSize", "parallel", "sequence_parallel_size", 1, _int, "integer", *_POS),
     _k("ddpBackend", "parallel", "backend", "auto", _choice("auto", "gloo", "nccl"), "backend"),
@@ -170,10 +235,12 @@ KEYS: tuple[Key, ...] = (
 )
 
 _BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
-SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer", "parallel")
+SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer", "memory", "longseq", "parallel")
 
 
-def _format(value: Any) -> str:
+def _format(key: Key, value: Any) -> str:
+    if key.show is not None:
+        return key.show(value)
     if isinstance(value, list):
         return ",".join(value)
     return str(value)
@@ -265,6 +332,8 @@ class Config:
     training = property(lambda self: self.section("training"))
     optimization = property(lambda self: self.section("optimization"))
     trainer = property(lambda self: self.section("trainer"))
+    memory = property(lambda self: self.section("memory"))
+    longseq = property(lambda self: self.section("longseq"))
     parallel = property(lambda self: self.section("parallel"))
 
     def denoiser_kwargs(self) -> dict[str, Any]:
@@ -278,7 +347,7 @@ class Config:
         text stays correct even if a default changes later.
         """
         names: Iterable[str] = (k.name for k in KEYS) if full else self.explicit
-        lines = [f"{n} {_format(self._values[n])}" for n in names if self._values[n] is not None]
+        lines = [f"{n} {_format(_BY_NAME[n], self._values[n])}" for n in names if self._values[n] is not None]
         return "\n".join(lines) + "\n"
 
     def __eq__(self, other: object) -> bool:
@@ -304,6 +373,8 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
     elif not _has_type(key, value):
         article = "an" if key.kind[0] in "aeiou" else "a"
         raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': expected {article} {key.kind}")
+    elif key.show is not None:  # typed values with a text form are checked through it
+        return _coerce(key, key.show(value), where)
     if key.check is not None and value is not None and not key.check(value):
         raise ConfigError(f"{where}: bad value {value!r} for '{key.name}': {key.requirement}")
     return value
@@ -312,6 +383,7 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
 def _has_type(key: Key, value: Any) -> bool:
     if value is None:
         return key.default is None
-    expected = {"integer": int, "number": (int, float), "boolean": bool, "comma-separated list": list}
+    expected = {"integer": int, "number": (int, float), "boolean": bool, "comma-separated list": list,
+                "size": int, "length curriculum": list}
     kind = expected.get(key.kind, str)
     return isinstance(value, kind) and (key.kind == "boolean" or not isinstance(value, bool))

@@ -1,8 +1,9 @@
 """Training of the Genie denoiser, on CPU, one GPU or many processes (torchrun), with exact resume.
 
 One optimizer step = ``accumulateGradBatches`` micro-batches, each a length-bucketed batch
-of real chains cropped to ``maximumNumResidues``, centred as Genie centres them, noised at
-uniformly drawn timesteps and scored with Genie's loss. Every random draw of the loop
+of real chains cropped to ``maximumNumResidues`` (or to the current stage of a
+``lengthCurriculum``), centred as Genie centres them, noised at uniformly drawn timesteps and
+scored with Genie's loss (plus the optional auxiliary distance loss). Every random draw of the loop
 (crop windows, timesteps, noise) comes from one ``torch.Generator`` and the batch order
 from a seeded sampler; dropout uses the global RNG. A checkpoint stores all of them with
 the model, optimizer, learning-rate schedule and EMA, written atomically, so a run killed
@@ -16,7 +17,8 @@ states in the checkpoint).
 
 Outputs in ``out_dir``: ``checkpoints/last.pt`` (every ``checkpointEverySteps`` steps and
 at the end) and ``checkpoints/final.pt``, ``metrics.jsonl`` (one line per optimizer step),
-TensorBoard events when ``tensorboard`` is installed, and ``loss.png`` at the end.
+TensorBoard events when ``tensorboard`` is installed, ``loss.png`` at the end, and with a
+``lengthCurriculum`` ``curriculum.jsonl`` (the step at which each crop length starts).
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flash_genie.checkpoint import load_checkpoint, save_checkpoint
 from flash_genie.config import Config
-from flash_genie.data import Dataset, LengthBucketSampler, builtin_dataset, collate
-from flash_genie.diffusion import make_schedule, training_loss
+from flash_genie.data import (
+    Dataset,
+    LengthBucketSampler,
+    LengthCurriculum,
+    builtin_dataset,
+    collate,
+)
+from flash_genie.diffusion import loss_options, make_schedule, training_loss
 from flash_genie.model import Denoiser
 from flash_genie.parallel.distributed import Distributed
 
@@ -99,6 +107,10 @@ class Trainer:
         self.max_length = config["maximumNumResidues"]
         if self.max_length is None:
             raise ValueError("maximumNumResidues must be set for training (chains are cropped to it)")
+        # Progressive training (lengthCurriculum) and the loss's long-chain options.
+        self.curriculum = LengthCurriculum(config["lengthCurriculum"], self.max_length)
+        self.length_switches: list[tuple[int, int]] = []  # (step, crop length) at each stage start
+        self.loss_options = loss_options(config)
         self.dataset = open_dataset(config["dataset"])
         lengths = np.minimum(self.dataset.lengths, self.max_length)
         keep = np.flatnonzero(lengths >= (config["minimumNumResidues"] or 1))
@@ -141,8 +153,20 @@ class Trainer:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
                 self._batches = None
         items = [self.dataset[int(self.indices[p])] for p in positions]
-        pad = self.max_length if self.config["padToMaximumNumResidues"] else None
-        return collate(items, pad_to=pad, max_length=self.max_length, generator=self.generator)
+        length = self._crop_length()
+        pad = length if self.config["padToMaximumNumResidues"] else None
+        return collate(items, pad_to=pad, max_length=length, generator=self.generator)
+
+    def _crop_length(self) -> int:
+        """The curriculum's length for this step. The first step of each stage is recorded
+        in ``length_switches`` and, once per run, in ``curriculum.jsonl``."""
+        length = self.curriculum.length_at(self.step)
+        if self.step == 0 or self.curriculum.length_at(self.step - 1) != length:
+            if (self.step, length) not in self.length_switches:
+                self.length_switches.append((self.step, length))
+                if self.dist.is_main and self.curriculum.stages:
+                    _record_switch(self.out_dir / "curriculum.jsonl", self.step, length)
+        return length
 
     # -- one optimizer step ------------------------------------------------------
     def _autocast(self):
@@ -166,7 +190,7 @@ class Trainer:
             with self.dist.micro_step(last=i == self.accumulate - 1):
                 with self._autocast():
                     loss = training_loss(self.net, x0, mask, self.schedule, timesteps=timesteps.to(self.device),
-                                         noise=noise.to(self.device))
+                                         noise=noise.to(self.device), **self.loss_options)
                 self.scaler.scale(loss / self.accumulate).backward()
             total += float(loss.detach())
         self.scaler.unscale_(self.optimizer)
@@ -291,6 +315,16 @@ class Trainer:
         if main:
             plot_losses(metrics, self.out_dir / "loss.png")
         return logs
+
+
+def _record_switch(path: Path, step: int, length: int) -> None:
+    """Append ``{"step", "length"}`` to ``path`` unless a resumed run recorded it already."""
+    line = json.dumps({"step": step, "length": length})
+    if path.exists() and line in path.read_text().splitlines():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as out:
+        out.write(line + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -13,6 +13,7 @@ The dataset's on-disk format is described in :mod:`flash_genie.data.dataset`.
 from flash_genie.data.batching import LengthBucketSampler, collate, padding_fraction, random_crop
 from flash_genie.data.build import SOURCE_KINDS, build_dataset, detect_source
 from flash_genie.data.chains import Chain, DatasetError, StructureError
+from flash_genie.data.curriculum import LengthCurriculum
 from flash_genie.data.dataset import Dataset, builtin_dataset
 from flash_genie.data.filters import BuildReport, split_at_gaps
 from flash_genie.data.readers import (
@@ -32,6 +33,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "LengthBucketSampler",
+    "LengthCurriculum",
     "StructureError",
     "build_dataset",
     "builtin_dataset",

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flash_genie.config import Config
+from flash_genie.config import Config, ConfigError
 from flash_genie.model.features import PairFeatureNet, SingleFeatureNet
 from flash_genie.model.frames import frenet_frames
+from flash_genie.model.options import MemoryOptions
 from flash_genie.model.pair_stack import PairTransformNet
 from flash_genie.model.rigid import Rigid
 from flash_genie.model.structure import StructureNet
@@ -23,6 +24,11 @@ class Denoiser(nn.Module):
 
     ``forward(frames, timesteps, mask)`` maps the noisy frames to refined frames;
     :meth:`predict_noise` is the public entry point on plain Cα coordinates.
+
+    ``position_scale`` (keyword only, default ``None``: Genie's scale, the padded
+    length) fixes the scale of the residue-index encoding. :attr:`memory` holds the
+    memory options (:class:`~flash_genie.model.options.MemoryOptions`, set with
+    :meth:`set_memory_options`), none of which changes a number.
     """
 
     def __init__(
@@ -51,10 +57,24 @@ class Denoiser(nn.Module):
         ipa_dropout: float,
         n_structure_transition_layer: int,
         structure_transition_dropout: float,
+        *,
+        position_scale: int | None = None,
     ):
         super().__init__()
         self.n_timestep = n_timestep
-        self.single_feature_net = SingleFeatureNet(c_s, n_timestep, c_pos_emb, c_timestep_emb)
+        #: The architecture (the original's keyword arguments), for the memory planner.
+        self.dims = {
+            "c_s": c_s, "c_p": c_p, "c_pos_emb": c_pos_emb, "c_timestep_emb": c_timestep_emb,
+            "n_pair_transform_layer": n_pair_transform_layer, "include_mul_update": include_mul_update,
+            "include_tri_att": include_tri_att, "c_hidden_mul": c_hidden_mul,
+            "c_hidden_tri_att": c_hidden_tri_att, "n_head_tri": n_head_tri,
+            "pair_transition_n": pair_transition_n, "n_structure_layer": n_structure_layer,
+            "n_structure_block": n_structure_block, "c_hidden_ipa": c_hidden_ipa, "n_head_ipa": n_head_ipa,
+            "n_qk_point": n_qk_point, "n_v_point": n_v_point,
+            "n_structure_transition_layer": n_structure_transition_layer,
+        }
+        self.memory = MemoryOptions()
+        self.single_feature_net = SingleFeatureNet(c_s, n_timestep, c_pos_emb, c_timestep_emb, position_scale)
         self.pair_feature_net = PairFeatureNet(c_s, c_p, relpos_k, template_type)
         self.pair_transform_net = (
             PairTransformNet(
@@ -87,8 +107,54 @@ class Denoiser(nn.Module):
 
     @classmethod
     def from_config(cls, config: Config | str) -> Denoiser:
-        """Build (with fresh, Genie-style initial weights) from a config, path or text."""
-        return cls(**Config.coerce(config).denoiser_kwargs())
+        """Build (with fresh, Genie-style initial weights) from a config, path or text,
+        with the config's positional encoding and memory options."""
+        config = Config.coerce(config)
+        scale = None
+        if config["positionalEncoding"] == "absolute":
+            scale = config["maximumNumResidues"]
+            if scale is None:
+                raise ConfigError(f"{config.source}: positionalEncoding absolute scales the residue index by "
+                                  "maximumNumResidues, which is not set")
+        model = cls(**config.denoiser_kwargs(), position_scale=scale)
+        model.set_memory_options(MemoryOptions.from_config(config))
+        return model
+
+    def set_memory_options(self, options: MemoryOptions) -> Denoiser:
+        """Apply memory options (see :mod:`flash_genie.model.options`); returns ``self``."""
+        self.memory = options
+        if self.pair_transform_net is not None:
+            net = self.pair_transform_net
+            net.chunk_size = options.triangle_attention_chunk_size
+            net.transition_chunk_size = options.pair_transition_chunk_size
+            net.inplace = options.inplace
+            for layer in net.net:
+                for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+                    module = getattr(layer, name)
+                    if module is not None:
+                        module.backend = options.pair_stack_backend
+        for layer in self.structure_net.net:
+            layer.ipa.chunk_size = options.ipa_chunk_size
+        return self
+
+    def checkpoint_plan(self, batch: int, n_res: int) -> tuple[int, int]:
+        """``(pair layers, structure layer calls)`` to recompute in backward for a batch
+        of ``batch`` chains padded to ``n_res``, under :attr:`memory`'s policy."""
+        policy = self.memory.checkpointing
+        n_pair = 0 if self.pair_transform_net is None else len(self.pair_transform_net.net)
+        n_struct = len(self.structure_net.net) * self.structure_net.n_structure_block
+        if policy == "none" or not torch.is_grad_enabled():
+            return 0, 0
+        if policy == "all":
+            return n_pair, n_struct
+        from flash_genie.planner import checkpoint_policy  # the planner models this class
+
+        weight = self.single_feature_net.linear.weight
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        parameters = sum(p.numel() for p in self.parameters())
+        return checkpoint_policy(self.dims, self.memory, batch, n_res, dtype=dtype, device=weight.device,
+                                 parameters=parameters)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,11 +174,12 @@ class Denoiser(nn.Module):
         """
         mask = mask.to(frames.trans.dtype)
         pair_mask = mask.unsqueeze(2) * mask.unsqueeze(1)
+        ckpt_pair, ckpt_struct = self.checkpoint_plan(*mask.shape)
         s = self.single_feature_net(timesteps, mask)
         p = self.pair_feature_net(s, frames.trans, pair_mask)
         if self.pair_transform_net is not None:
-            p = self.pair_transform_net(p, pair_mask)
-        return self.structure_net(s, p, frames, mask)
+            p = self.pair_transform_net(p, pair_mask, checkpoint_layers=ckpt_pair)
+        return self.structure_net(s, p, frames, mask, checkpoint_layers=ckpt_struct)
 
     def predict_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Predicted noise ``[B, N, 3]`` for noisy Cα coordinates, as Genie's loss and sampler use it.

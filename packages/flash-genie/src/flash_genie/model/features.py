@@ -15,12 +15,16 @@ class SingleFeatureNet(nn.Module):
     """``s_i = Linear([pos_enc(i) · m_i, time_enc(s) · m_i])``.
 
     The residue-index encoding is scaled by the *padded* length ``N`` (so the
-    padding length changes the features, as in Genie) and the timestep encoding
-    by ``n_timestep``.
+    padding length changes the features, as in Genie) unless ``position_scale``
+    fixes the scale (a length-independent encoding: residue ``i`` gets the same
+    features whatever the padding, as long chains trained through a length
+    curriculum need); the timestep encoding is scaled by ``n_timestep``.
     """
 
-    def __init__(self, c_s: int, n_timestep: int, c_pos_emb: int, c_timestep_emb: int):
+    def __init__(self, c_s: int, n_timestep: int, c_pos_emb: int, c_timestep_emb: int,
+                 position_scale: int | None = None):
         super().__init__()
+        self.position_scale = position_scale
         self.n_timestep = n_timestep
         self.c_pos_emb = c_pos_emb
         self.c_timestep_emb = c_timestep_emb
@@ -32,7 +36,8 @@ class SingleFeatureNet(nn.Module):
         dtype = self.linear.weight.dtype
         m = mask.to(dtype).unsqueeze(-1)
         pos = torch.arange(n_res, device=mask.device)
-        pos_emb = sinusoidal_encoding(pos, n_res, self.c_pos_emb, dtype).expand(batch, -1, -1)
+        scale = n_res if self.position_scale is None else self.position_scale
+        pos_emb = sinusoidal_encoding(pos, scale, self.c_pos_emb, dtype).expand(batch, -1, -1)
         time_emb = sinusoidal_encoding(timesteps, self.n_timestep, self.c_timestep_emb, dtype)
         time_emb = time_emb.unsqueeze(1).expand(-1, n_res, -1)
         return self.linear(torch.cat([pos_emb * m, time_emb * m], dim=-1))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flash_genie.model.chunking import chunked
 from flash_genie.model.primitives import Linear
 from flash_genie.model.rigid import Rigid
 
@@ -24,6 +25,11 @@ class InvariantPointAttention(nn.Module):
     The mask enters as a finite bias (``inf = 1e5``) like the original: a padded
     query row then attends uniformly, and at real rows padded keys get exactly
     zero weight in float32/float64.
+
+    ``chunk_size`` (default ``None``: all rows at once) computes the attention in
+    blocks of query rows, recomputed in backward, so that only ``chunk · N`` rows
+    of logits, point differences and attended pair features exist at a time: extra
+    memory O(chunk·N·(H·(2 + 3·Pq) + c_z)) instead of O(N²·…). Same numbers.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class InvariantPointAttention(nn.Module):
         # softplus(0.5413...) = 1: the point term starts at unit weight.
         self.head_weights = nn.Parameter(torch.full((no_heads,), 0.541324854612918))
         self.linear_out = Linear(no_heads * (c_z + c_hidden + 4 * no_v_points), c_s, init="final")
+        self.chunk_size: int | None = None
 
     def _points(self, flat: torch.Tensor, frames: Rigid, n_points: int) -> torch.Tensor:
         """``[B, N, 3·H·P]`` (x block, y block, z block) -> global points ``[B, N, H, P, 3]``."""
@@ -74,14 +81,28 @@ class InvariantPointAttention(nn.Module):
         ``mask`` and the rows of ``z`` those of the queries only (``I`` of them: sequence
         parallelism); the result is then ``[B, I, c_s]``.
         """
-        h, c, pq = self.no_heads, self.c_hidden, self.no_qk_points
+        h, c, pq, pv = self.no_heads, self.c_hidden, self.no_qk_points, self.no_v_points
         s_k, frames_k, mask_k = (s, frames, mask) if keys is None else keys
         q = self.linear_q(s).unflatten(-1, (h, c))  # [B, N, H, C]
         k, v = self.linear_kv(s_k).unflatten(-1, (h, 2 * c)).split(c, dim=-1)
         q_pts = self._points(self.linear_q_points(s), frames, pq)  # [B, N, H, Pq, 3]
-        kv_pts = self._points(self.linear_kv_points(s_k), frames_k, pq + self.no_v_points)
-        k_pts, v_pts = kv_pts.split([pq, self.no_v_points], dim=-2)
+        kv_pts = self._points(self.linear_kv_points(s_k), frames_k, pq + pv)
+        k_pts, v_pts = kv_pts.split([pq, pv], dim=-2)
+        rows, shared = (q, q_pts, z, mask), (k, v, k_pts, v_pts, mask_k)
+        if self.chunk_size is None:
+            attended = self._attend(*rows, *shared)
+        else:
+            params = (self.linear_b.weight, self.linear_b.bias, self.head_weights)
+            attended = chunked(self._attend, rows, shared, params, chunk_size=self.chunk_size)
+        o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * z.shape[-1]], dim=-1)
+        o_pt = frames.invert_apply(o_pt.unflatten(-1, (h * pv, 3)))  # [B, I, H*Pv, 3]
+        o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + self.eps)
+        return self.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
 
+    def _attend(self, q, q_pts, z, mask, k, v, k_pts, v_pts, mask_k) -> torch.Tensor:
+        """Attention of the query rows ``I`` over the keys ``J``: ``[o | o_pt | o_pair]``
+        ``[B, I, H·C + H·Pv·3 + H·c_z]``, the value points still in the global frame."""
+        c, pq = self.c_hidden, self.no_qk_points
         # [B, H, I, J]
         logits = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * c))
         logits = logits + math.sqrt(1.0 / 3) * self.linear_b(z).permute(0, 3, 1, 2)
@@ -98,9 +119,7 @@ class InvariantPointAttention(nn.Module):
         # Softmax in at least float32 (bf16 logits under autocast lose the ranking).
         attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
-        o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)  # [B, N, H*C]
-        o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3, -2)  # [B, N, H*Pv, 3]
-        o_pt = frames.invert_apply(o_pt)
-        o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + self.eps)
-        o_pair = torch.einsum("bhij,bijc->bihc", attn, z).flatten(-2)  # [B, N, H*c_z]
-        return self.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
+        o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)  # [B, I, H*C]
+        o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3)  # [B, I, H*Pv*3]
+        o_pair = torch.einsum("bhij,bijc->bihc", attn, z).flatten(-2)  # [B, I, H*c_z]
+        return torch.cat([o, o_pt, o_pair], dim=-1)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from flash_genie.model.chunking import chunked
 from flash_genie.model.primitives import Linear, SharedDropout
 from genie_tk import (
     TriangleAttentionEndingNode,
@@ -29,8 +31,18 @@ class PairTransition(nn.Module):
         self.linear_1 = Linear(c_z, n * c_z, init="relu")
         self.linear_2 = Linear(n * c_z, c_z, init="final")
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``z`` ``[*, N, N, C]``, ``mask`` ``[*, N, N]`` -> update ``[*, N, N, C]``."""
+    def forward(self, z: torch.Tensor, mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """``z`` ``[B, N, N, C]``, ``mask`` ``[B, N, N]`` -> update ``[B, N, N, C]``.
+
+        ``chunk_size`` evaluates blocks of that many rows and recomputes them in
+        backward (:func:`~flash_genie.model.chunking.chunked`), so the ``4·C``-wide
+        hidden layer exists for one block at a time.
+        """
+        if chunk_size is None:
+            return self._update(z, mask)
+        return chunked(self._update, (z, mask), params=tuple(self.parameters()), chunk_size=chunk_size)
+
+    def _update(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         z = self.linear_2(torch.relu(self.linear_1(self.layer_norm(z))))
         return z * mask.unsqueeze(-1).to(z.dtype)
 
@@ -68,35 +80,68 @@ class PairTransformLayer(nn.Module):
         self.dropout_col = SharedDropout(tri_dropout, shared_dim=-2)
 
     def forward(
-        self, p: torch.Tensor, pair_mask: torch.Tensor, chunk_size: int | None = None
+        self,
+        p: torch.Tensor,
+        pair_mask: torch.Tensor,
+        chunk_size: int | None = None,
+        transition_chunk_size: int | None = None,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """``p`` ``[B, N, N, c_p]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``.
 
-        ``chunk_size`` bounds the rows the triangle attention processes at once
-        (no numerical effect).
+        ``chunk_size`` bounds the rows the triangle attention processes at once,
+        ``transition_chunk_size`` those of the pair transition; ``inplace`` adds each
+        residual into its freshly computed update and masks in place. None of the
+        three changes a number.
         """
         if self.tri_mul_out is not None:
-            p = p + self.dropout_row(self.tri_mul_out(p, mask=pair_mask))
-            p = p + self.dropout_row(self.tri_mul_in(p, mask=pair_mask))
+            p = _residual(p, self.dropout_row(self.tri_mul_out(p, mask=pair_mask)), inplace)
+            p = _residual(p, self.dropout_row(self.tri_mul_in(p, mask=pair_mask)), inplace)
         if self.tri_att_start is not None:
-            p = p + self.dropout_row(self.tri_att_start(p, mask=pair_mask, chunk_size=chunk_size))
-            p = p + self.dropout_col(self.tri_att_end(p, mask=pair_mask, chunk_size=chunk_size))
-        p = p + self.pair_transition(p, pair_mask)
-        return p * pair_mask.unsqueeze(-1).to(p.dtype)
+            p = _residual(p, self.dropout_row(self.tri_att_start(p, mask=pair_mask, chunk_size=chunk_size)), inplace)
+            p = _residual(p, self.dropout_col(self.tri_att_end(p, mask=pair_mask, chunk_size=chunk_size)), inplace)
+        p = _residual(p, self.pair_transition(p, pair_mask, transition_chunk_size), inplace)
+        mask = pair_mask.unsqueeze(-1).to(p.dtype)
+        return p.mul_(mask) if inplace else p * mask
+
+
+def _residual(p: torch.Tensor, update: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``p + update``; with ``inplace``, written into ``update`` when it is a fresh dense
+    tensor of the sum's dtype (float addition commutes, so the sum is the same number; under
+    autocast a bfloat16 update is not, as the sum with the float32 stream is float32).
+    Autograd refuses the in-place add if anything kept ``update`` for backward, so a misuse
+    is an error, never a wrong gradient."""
+    if (inplace and update._base is None and update.is_contiguous() and update.shape == p.shape
+            and update.dtype == torch.promote_types(p.dtype, update.dtype)):
+        return update.add_(p)
+    return p + update
 
 
 class PairTransformNet(nn.Module):
-    """``n_pair_transform_layer`` :class:`PairTransformLayer` s (keys ``net.{i}.*``)."""
+    """``n_pair_transform_layer`` :class:`PairTransformLayer` s (keys ``net.{i}.*``).
+
+    Memory options (see :mod:`flash_genie.model.options`): ``chunk_size`` (triangle
+    attention rows), ``transition_chunk_size``, ``inplace``; ``forward``'s
+    ``checkpoint_layers`` recomputes the first that many layers in backward.
+    """
 
     def __init__(self, c_p: int, n_pair_transform_layer: int, **layer_kwargs):
         super().__init__()
         self.chunk_size: int | None = None
+        self.transition_chunk_size: int | None = None
+        self.inplace = False
         self.net = nn.ModuleList(PairTransformLayer(c_p, **layer_kwargs) for _ in range(n_pair_transform_layer))
 
-    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor, checkpoint_layers: int = 0) -> torch.Tensor:
         """``p`` ``[B, N, N, c_p]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``."""
-        for layer in self.net:
+        options = {"chunk_size": self.chunk_size, "transition_chunk_size": self.transition_chunk_size,
+                   "inplace": self.inplace}
+        for index, layer in enumerate(self.net):
             # The one place where per-layer memory options (activation
-            # checkpointing, sequence parallelism) will wrap the layer call.
-            p = layer(p, pair_mask, chunk_size=self.chunk_size)
+            # checkpointing, sequence parallelism) wrap the layer call.
+            if index < checkpoint_layers and torch.is_grad_enabled():
+                # Non-reentrant checkpointing restores the RNG, so dropout masks repeat exactly.
+                p = checkpoint(layer, p, pair_mask, use_reentrant=False, **options)
+            else:
+                p = layer(p, pair_mask, **options)
         return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flash_genie.model.ipa import InvariantPointAttention
 from flash_genie.model.primitives import Linear
@@ -100,9 +101,15 @@ class StructureNet(nn.Module):
         self.n_structure_block = n_structure_block
         self.net = nn.ModuleList(StructureLayer(c_s, c_p, **layer_kwargs) for _ in range(n_structure_layer))
 
-    def forward(self, s: torch.Tensor, p: torch.Tensor, frames: Rigid, mask: torch.Tensor) -> Rigid:
-        """Refined frames ``[B, N]`` starting from the input ``frames``."""
-        for _ in range(self.n_structure_block):
-            for layer in self.net:
+    def forward(
+        self, s: torch.Tensor, p: torch.Tensor, frames: Rigid, mask: torch.Tensor, checkpoint_layers: int = 0
+    ) -> Rigid:
+        """Refined frames ``[B, N]`` starting from the input ``frames``; the first
+        ``checkpoint_layers`` layer calls (in execution order) are recomputed in backward."""
+        calls = [layer for _ in range(self.n_structure_block) for layer in self.net]
+        for index, layer in enumerate(calls):
+            if index < checkpoint_layers and torch.is_grad_enabled():
+                s, frames = checkpoint(layer, s, p, frames, mask, use_reentrant=False)
+            else:
                 s, frames = layer(s, p, frames, mask)
         return frames
