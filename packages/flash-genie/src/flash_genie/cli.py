@@ -87,8 +87,15 @@ def _sample(args) -> int:
     from flash_genie.sampling import generate, load_model, write_backbones
 
     model, config = load_model(args.checkpoint, args.config, ema=args.ema, device=args.device)
+    if args.chunk_size:  # long chains: chunked IPA, pair transition and triangle attention
+        from dataclasses import replace
+
+        size = args.chunk_size
+        model.set_memory_options(replace(model.memory, ipa_chunk_size=size, pair_transition_chunk_size=size,
+                                         triangle_attention_chunk_size=size))
     backbones = generate(model, config, args.lengths, args.num, noise_scale=args.noise_scale, seed=args.seed,
-                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                         precision=args.precision)
     out = write_backbones(backbones, args.out, title=f"flash-genie sample, noise scale {args.noise_scale}")
     print(f"wrote {len(backbones)} backbones to {out / 'pdbs'} (PDB) and {out / 'coords'} (Genie text)")
     if not args.no_evaluate:
@@ -187,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a flash-genie checkpoint")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast the denoiser (bf16: half the activation memory, faster on GPUs)")
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="rows per chunk of IPA, pair transition and triangle attention (long chains; 0: off)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-evaluate", action="store_true")
     p.add_argument("--no-progress", action="store_true")

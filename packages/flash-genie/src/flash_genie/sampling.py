@@ -54,14 +54,23 @@ def load_model(checkpoint: str | os.PathLike, config: Config | str | os.PathLike
     return load_genie(config, weights, device=device), config
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @torch.no_grad()
 def generate(model: Denoiser, config: Config, lengths: list[int], num: int, *, noise_scale: float = 0.6,
              seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
-             progress: bool = True) -> list[Backbone]:
+             progress: bool = True, precision: str = "fp32") -> list[Backbone]:
     """``num`` backbones of each length in ``lengths`` (seeded; batched by length).
+
+    ``precision`` ``bf16``/``fp16`` runs the denoiser under autocast (see
+    :func:`~flash_genie.diffusion.sample`); the model's memory options (e.g. chunk sizes,
+    :meth:`~flash_genie.model.Denoiser.set_memory_options`) apply as in training.
 
     Raises ``ValueError`` for a length below 1 or above the model's ``maximumNumResidues``.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     limit = config["maximumNumResidues"]
     for length in lengths:
         if length < 1 or (limit is not None and length > limit):
@@ -83,7 +92,7 @@ def generate(model: Denoiser, config: Config, lengths: list[int], num: int, *, n
         padded = limit if limit is not None else length
         mask = torch.zeros(count, padded, device=device)
         mask[:, :length] = 1
-        x = sample(model, mask, schedule, noise_scale, generator=generator).x
+        x = sample(model, mask, schedule, noise_scale, generator=generator, autocast=PRECISIONS[precision]).x
         for b in range(count):
             out.append(Backbone(length, start + b, x[b, :length].float().cpu().numpy()))
         if bar is not None:

@@ -53,7 +53,6 @@ def p_step(
     return (mean + noise_scale * sqrt_beta * z) * m
 
 
-@torch.no_grad()
 def sample(
     model,
     mask: torch.Tensor,
@@ -64,6 +63,7 @@ def sample(
     x_init: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     return_trajectory: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> Samples:
     """Run all ``T`` reverse steps, ``s = T-1, …, 0`` (Genie's ``p_sample_loop``).
 
@@ -80,6 +80,12 @@ def sample(
         x_init: ``[B, N, 3]`` draw to use for ``x_T`` instead (masked here).
         z: ``[T-1, B, N, 3]`` draws to use instead; ``z[k]`` is used at ``s = T-1-k``.
         return_trajectory: also return every intermediate ``x``.
+        autocast: run the denoiser under autocast to this dtype (``torch.bfloat16``:
+            half the activation memory and faster matmuls on GPUs; the sampler's own
+            arithmetic, the frames and the returned coordinates stay in the model's dtype).
+
+    Runs in ``torch.inference_mode`` (no autograd state at all); the model's memory
+    options (chunked IPA, pair transition and triangle attention) bound its activations.
     """
     dtype = getattr(model, "dtype", torch.float32)
     device = mask.device
@@ -94,12 +100,15 @@ def sample(
         x_init = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     elif tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
-    x = x_init.to(dtype) * mask.to(dtype).unsqueeze(-1)
-    trajectory = [x] if return_trajectory else None
-    for k, s in enumerate(range(n_steps - 1, -1, -1)):
-        z_k = None if z is None or s == 0 else z[k].to(dtype)
-        x = p_step(model, schedule, x, s, mask, noise_scale, z=z_k, generator=generator)
-        if trajectory is not None:
-            trajectory.append(x)
-    traj = torch.stack(trajectory) if trajectory is not None else None
-    return Samples(x, frenet_frames(x, mask), traj)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        x = x_init.to(dtype) * mask.to(dtype).unsqueeze(-1)
+        trajectory = [x] if return_trajectory else None
+        for k, s in enumerate(range(n_steps - 1, -1, -1)):
+            z_k = None if z is None or s == 0 else z[k].to(dtype)
+            x = p_step(model, schedule, x, s, mask, noise_scale, z=z_k, generator=generator)
+            if trajectory is not None:
+                trajectory.append(x)
+        traj = torch.stack(trajectory) if trajectory is not None else None
+        rots = frenet_frames(x, mask)
+    # Ordinary tensors (inference tensors cannot enter autograd later).
+    return Samples(x.clone(), rots.clone(), None if traj is None else traj.clone())
