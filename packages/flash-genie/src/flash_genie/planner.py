@@ -72,11 +72,11 @@ def _layer_terms(dims, opts: MemoryOptions, n: int, batch: int, act: int, stream
     work = []
     if dims["include_mul_update"]:
         # Two residual sums (stream) and, per update, the torch node's contraction x (act);
-        # plain autograd (reference) keeps LN_in(z), both projections, the gate, the masked
-        # gate, a and b (permuted copies), x, LN_out(x), the output projection and gate.
+        # plain autograd (reference) keeps LN_in(z), both projections, their gated product,
+        # a and b (permuted copies), x, LN_out(x), the output projection and gate.
         internal += 2 * c * stream
         if reference:
-            internal += 2 * ((3 * c + 8) * stream + 10 * ch * act)
+            internal += 2 * ((3 * c + 8) * stream + 8 * ch * act)
             work.append((4 * ch + 2 * c) * stream * pairs)
         else:
             internal += 2 * ch * act

@@ -159,12 +159,15 @@ def triangle_multiplicative_update(
         mask = z.new_ones(z.shape[:-1])
     mask = mask.unsqueeze(-1).to(z.dtype)
     zn = _layer_norm(z, params, "layer_norm_in", eps)
+    # (p · σ(g)) · mask, as OpenFold v1 (and Genie) write it: the same numbers as OpenFold's
+    # later mask · σ(g) · p (the mask is 0 or 1), and autograd keeps one [*, N, N, Ch] tensor
+    # fewer, so this plain path has the memory profile of those codes.
     if "linear_ab_p.weight" in params:
-        ab = mask * torch.sigmoid(_linear(zn, params, "linear_ab_g")) * _linear(zn, params, "linear_ab_p")
+        ab = _linear(zn, params, "linear_ab_p") * torch.sigmoid(_linear(zn, params, "linear_ab_g")) * mask
         a, b = ab.chunk(2, dim=-1)
     else:
-        a = mask * torch.sigmoid(_linear(zn, params, "linear_a_g")) * _linear(zn, params, "linear_a_p")
-        b = mask * torch.sigmoid(_linear(zn, params, "linear_b_g")) * _linear(zn, params, "linear_b_p")
+        a = _linear(zn, params, "linear_a_p") * torch.sigmoid(_linear(zn, params, "linear_a_g")) * mask
+        b = _linear(zn, params, "linear_b_p") * torch.sigmoid(_linear(zn, params, "linear_b_g")) * mask
     if fp16_enabled(z) and bool(a.std() != 0) and bool(b.std() != 0):
         # OpenFold's float16 path: normalise a and b so the contraction cannot
         # overflow, and contract in float32 (LayerNorm-out is scale invariant).
