@@ -62,8 +62,14 @@ def gpu(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Kernel benchmarks into benchmarks/results (``nox -s bench -- --quick`` on a
     CPU; arguments go to ``python -m genie_bench``, see benchmarks/README.md).
+    ``nox -s bench -- --model [--quick]`` runs the model memory benchmark instead
+    (``benchmarks/model_memory.py``, arguments after ``--model`` go to it).
     matplotlib, for the plots, is installed in this session only."""
     install(session)
     session.install("matplotlib")
     bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+    if "--model" in session.posargs:
+        args = [a for a in session.posargs if a != "--model"]
+        session.run("python", os.path.join(bench_dir, "model_memory.py"), *args)
+        return
     session.run("python", "-m", "genie_bench", *session.posargs, env={"PYTHONPATH": bench_dir})

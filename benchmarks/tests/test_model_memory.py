@@ -1,0 +1,45 @@
+"""The model memory benchmark end to end on a small architecture (a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "model_memory.py"
+SMALL = """\
+singleFeatureDimension 32
+pairFeatureDimension 32
+positionalEmbeddingDimension 16
+timestepEmbeddingDimension 16
+relativePositionK 8
+numPairTransformLayers 2
+triangularMultiplicativeHiddenDimension 24
+pairTransitionN 2
+numStructureLayers 2
+ipaHiddenDimension 8
+ipaNumHeads 4
+ipaNumQkPoints 2
+ipaNumVPoints 3
+"""
+
+
+def test_model_memory_benchmark(tmp_path):
+    spec = importlib.util.spec_from_file_location("model_memory", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = tmp_path / "small.config"
+    config.write_text(SMALL)
+    status = bench.main(["--lengths", "40", "--all-configs-at", "--config", str(config), "--out", str(tmp_path),
+                         "--name", "smoke"])
+    assert status == 0
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert doc["schema"] == "flash-genie-model-memory/1"
+    rows = {r["configuration"]: r for r in doc["results"]}
+    assert set(rows) == {bench.OFF, bench.LONG}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["peak_rss_mib"] > 0 and row["peak_tensor_mib"] > 0
+        assert abs(row["prediction_error_tensor"]) < 0.25
+    assert 0 < doc["summary"]["40"]["ratio"] < 1
+    text = (tmp_path / "smoke.md").read_text()
+    assert "| all off | 40 |" in text and "Long-sequence configuration against everything off" in text
