@@ -7,20 +7,15 @@ import json
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "model_memory.py"
+# Genie's layout at a tenth of its widths.
 SMALL = """\
-singleFeatureDimension 32
-pairFeatureDimension 32
-positionalEmbeddingDimension 16
-timestepEmbeddingDimension 16
-relativePositionK 8
+singleFeatureDimension 16
+pairFeatureDimension 16
+positionalEmbeddingDimension 8
+timestepEmbeddingDimension 8
+triangularMultiplicativeHiddenDimension 16
 numPairTransformLayers 2
-triangularMultiplicativeHiddenDimension 24
-pairTransitionN 2
-numStructureLayers 2
-ipaHiddenDimension 8
-ipaNumHeads 4
-ipaNumQkPoints 2
-ipaNumVPoints 3
+numStructureLayers 1
 """
 
 

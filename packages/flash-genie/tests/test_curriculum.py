@@ -8,36 +8,12 @@ import json
 import pytest
 import torch
 
-from flash_genie import Config
 from flash_genie.data import LengthCurriculum
 from flash_genie.training import Trainer
 
-TINY = """
-name tiny_curriculum
-maximumNumResidues 24
-minimumNumResidues 20
-singleFeatureDimension 16
-pairFeatureDimension 8
-positionalEmbeddingDimension 8
-timestepEmbeddingDimension 8
-relativePositionK 4
-numPairTransformLayers 1
-triangularMultiplicativeHiddenDimension 8
-pairTransitionN 2
-numStructureLayers 1
-ipaHiddenDimension 4
-ipaNumHeads 2
-ipaNumQkPoints 2
-ipaNumVPoints 2
-numTimesteps 100
-batchSize 3
-learningRate 1e-3
-seed 5
-maximumSteps 6
-checkpointEverySteps 3
-precision fp32
-lengthCurriculum 16:2,20:4
-"""
+TRAINING = {"name": "tiny_curriculum", "maximumNumResidues": 24, "minimumNumResidues": 20, "batchSize": 3,
+            "learningRate": 1e-3, "seed": 5, "maximumSteps": 6, "checkpointEverySteps": 3, "precision": "fp32",
+            "lengthCurriculum": "16:2,20:4"}
 
 
 def test_stages():
@@ -51,8 +27,8 @@ def test_stages():
         LengthCurriculum([(64, 10), (32, 20)], 128)
 
 
-def test_batches_change_length_at_the_switch_points(tmp_path):
-    config = Config.from_text(TINY)
+def test_batches_change_length_at_the_switch_points(tiny_config, tmp_path):
+    config = tiny_config.replace(**TRAINING)
     trainer = Trainer(config, tmp_path, device="cpu", progress=False)
     seen = []
     trainer.model.register_forward_pre_hook(lambda module, args: seen.append(args[2].shape[1]))
@@ -64,8 +40,8 @@ def test_batches_change_length_at_the_switch_points(tmp_path):
     assert logged == [{"step": 0, "length": 16}, {"step": 2, "length": 20}, {"step": 4, "length": 24}]
 
 
-def test_resume_inside_a_stage_keeps_the_log(tmp_path):
-    config = Config.from_text(TINY)
+def test_resume_inside_a_stage_keeps_the_log(tiny_config, tmp_path):
+    config = tiny_config.replace(**TRAINING)
     Trainer(config.replace(maximumSteps=3), tmp_path, device="cpu", progress=False).fit()
     resumed = Trainer(config, tmp_path, device="cpu", progress=False)
     resumed.fit(resume=True)
