@@ -228,6 +228,20 @@ KEYS: tuple[Key, ...] = (
     _k("auxDistanceCutoff", "longseq", "aux_distance_cutoff", 6.0, _float, "number", *_POS),
     _k("auxDistanceTimeFraction", "longseq", "aux_distance_time_fraction", 0.25, _float, "number",
        lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    _k("useProgressiveTraining", "longseq", "progressive", False, _bool, "boolean"),
+    _k("progressiveStartLength", "longseq", "progressive_start_length", 128, _int, "integer", *_POS),
+    _k("progressiveStageSteps", "longseq", "progressive_stage_steps", 1000, _int, "integer", *_POS),
+    _k("useChunkedLoss", "longseq", "chunked_loss", False, _bool, "boolean"),
+    # flash-genie's approximate modes for very long chains (they change the computation): "approx"
+    _k("zFactorRank", "approx", "z_factor_rank", 0, _int, "integer", *_NONNEG),
+    _k("useSparseKNN", "approx", "sparse_knn", False, _bool, "boolean"),
+    _k("kNeighbors", "approx", "k_neighbors", 32, _int, "integer", *_POS),
+    _k("knnSelection", "approx", "knn_selection", "hybrid", _choice("hybrid", "coordinates", "sequence"),
+       "neighbour selection"),
+    _k("useAxialAttention", "approx", "axial_attention", False, _bool, "boolean"),
+    _k("useModelCompression", "approx", "compression", False, _bool, "boolean"),
+    _k("compressionStrategy", "approx", "compression_strategy", "universal",
+       _choice("universal", "pair", "structure"), "compression strategy"),
     # flash-genie's distributed training keys (torchrun): section "parallel"
     _k("sequenceParallelSize", "parallel", "sequence_parallel_size", 1, _int, "integer", *_POS),
     _k("ddpBackend", "parallel", "backend", "auto", _choice("auto", "gloo", "nccl"), "backend"),
@@ -235,7 +249,26 @@ KEYS: tuple[Key, ...] = (
 )
 
 _BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
-SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer", "memory", "longseq", "parallel")
+SECTIONS = ("io", "diffusion", "model", "training", "optimization", "trainer", "memory", "longseq", "approx",
+            "parallel")
+
+#: Defaults that follow from another key when the text does not set them: ``key: (switch, value)``.
+#: ``useProgressiveTraining`` trains through growing lengths, which needs residue-index features
+#: that do not depend on the padded length; ``useChunkedLoss`` turns on the auxiliary pairwise
+#: distance loss (FrameDiff's weight, 1.0) and computes it in blocks of 128 rows.
+_IMPLIED = {
+    "positionalEncoding": ("useProgressiveTraining", "absolute"),
+    "auxDistanceLossWeight": ("useChunkedLoss", 1.0),
+    "lossChunkSize": ("useChunkedLoss", 128),
+}
+#: Keys that only mean something when a switch is on: setting them with the switch off is an error.
+_NEEDS = {
+    "kNeighbors": "useSparseKNN",
+    "knnSelection": "useSparseKNN",
+    "compressionStrategy": "useModelCompression",
+    "progressiveStartLength": "useProgressiveTraining",
+    "progressiveStageSteps": "useProgressiveTraining",
+}
 
 
 def _format(key: Key, value: Any) -> str:
@@ -264,6 +297,44 @@ class Config:
         self.source = source
         self.explicit: dict[str, Any] = values
         self._values = {key.name: values.get(key.name, key.default) for key in KEYS}
+        for name, (switch, value) in _IMPLIED.items():
+            if self._values[switch] and name not in values:
+                self._values[name] = value
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Reject keys that contradict each other or that their switch leaves without effect."""
+        v, where = self._values, self.source
+        for name, switch in _NEEDS.items():
+            if name in self.explicit and not v[switch]:
+                raise ConfigError(f"{where}: '{name}' only acts with '{switch} True'")
+        if v["useAxialAttention"] and (v["zFactorRank"] or v["useSparseKNN"]):
+            raise ConfigError(f"{where}: 'useAxialAttention' acts on the dense pair tensor; it cannot be combined "
+                              "with 'zFactorRank' or 'useSparseKNN'")
+        if v["useProgressiveTraining"] and v["lengthCurriculum"] and (
+                "progressiveStartLength" in self.explicit or "progressiveStageSteps" in self.explicit):
+            raise ConfigError(f"{where}: give either 'lengthCurriculum' or 'progressiveStartLength' / "
+                              "'progressiveStageSteps', not both")
+        if v["useChunkedLoss"] and not v["auxDistanceLossWeight"]:
+            raise ConfigError(f"{where}: 'useChunkedLoss True' chunks the auxiliary pairwise distance loss, which "
+                              "'auxDistanceLossWeight 0' turns off")
+
+    def curriculum(self) -> list[tuple[int, int]]:
+        """The length curriculum's stages ``[(length, until_step), ...]``: ``lengthCurriculum`` if
+        given; with ``useProgressiveTraining`` otherwise lengths ``progressiveStartLength``, twice
+        that, ... below ``maximumNumResidues``, ``progressiveStageSteps`` steps each."""
+        v = self._values
+        if v["lengthCurriculum"] or not v["useProgressiveTraining"]:
+            return list(v["lengthCurriculum"])
+        final = v["maximumNumResidues"]
+        if final is None:
+            raise ConfigError(f"{self.source}: 'useProgressiveTraining' grows the length up to "
+                              "'maximumNumResidues', which is not set")
+        stages, length = [], v["progressiveStartLength"]
+        while length < final:
+            stages.append((length, (len(stages) + 1) * v["progressiveStageSteps"]))
+            length *= 2
+        return stages
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -334,6 +405,7 @@ class Config:
     trainer = property(lambda self: self.section("trainer"))
     memory = property(lambda self: self.section("memory"))
     longseq = property(lambda self: self.section("longseq"))
+    approx = property(lambda self: self.section("approx"))
     parallel = property(lambda self: self.section("parallel"))
 
     def denoiser_kwargs(self) -> dict[str, Any]:
@@ -347,7 +419,8 @@ class Config:
         text stays correct even if a default changes later.
         """
         names: Iterable[str] = (k.name for k in KEYS) if full else self.explicit
-        lines = [f"{n} {_format(_BY_NAME[n], self._values[n])}" for n in names if self._values[n] is not None]
+        lines = [f"{n} {_format(_BY_NAME[n], self._values[n])}" for n in names
+                 if self._values[n] is not None and (n in self.explicit or self._values.get(_NEEDS.get(n), True))]
         return "\n".join(lines) + "\n"
 
     def __eq__(self, other: object) -> bool:

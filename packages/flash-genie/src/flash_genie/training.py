@@ -108,7 +108,7 @@ class Trainer:
         if self.max_length is None:
             raise ValueError("maximumNumResidues must be set for training (chains are cropped to it)")
         # Progressive training (lengthCurriculum) and the loss's long-chain options.
-        self.curriculum = LengthCurriculum(config["lengthCurriculum"], self.max_length)
+        self.curriculum = LengthCurriculum(config.curriculum(), self.max_length)
         self.length_switches: list[tuple[int, int]] = []  # (step, crop length) at each stage start
         self.loss_options = loss_options(config)
         self.dataset = open_dataset(config["dataset"])

@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from flash_genie.config import Config, ConfigError
+from flash_genie.model.approx import (
+    Approximations,
+    FactorStack,
+    approximate_pair_stack,
+    pair_ipa_class,
+)
 from flash_genie.model.features import PairFeatureNet, SingleFeatureNet
 from flash_genie.model.frames import frenet_frames
+from flash_genie.model.ipa import InvariantPointAttention
 from flash_genie.model.options import MemoryOptions
 from flash_genie.model.pair_stack import PairTransformNet
 from flash_genie.model.rigid import Rigid
@@ -28,7 +35,10 @@ class Denoiser(nn.Module):
     ``position_scale`` (keyword only, default ``None``: Genie's scale, the padded
     length) fixes the scale of the residue-index encoding. :attr:`memory` holds the
     memory options (:class:`~flash_genie.model.options.MemoryOptions`, set with
-    :meth:`set_memory_options`), none of which changes a number.
+    :meth:`set_memory_options`), none of which changes a number. ``approx`` (keyword only,
+    default: none) selects the approximate long-chain modes
+    (:class:`~flash_genie.model.approx.Approximations`: factorized or sparse pairs, axial
+    attention, layer sharing), which do change the computation.
     """
 
     def __init__(
@@ -59,8 +69,11 @@ class Denoiser(nn.Module):
         structure_transition_dropout: float,
         *,
         position_scale: int | None = None,
+        approx: Approximations | None = None,
     ):
         super().__init__()
+        self.approx = approx = approx or Approximations()
+        mode = approx.pair_mode
         self.n_timestep = n_timestep
         #: The architecture (the original's keyword arguments), for the memory planner.
         self.dims = {
@@ -75,11 +88,13 @@ class Denoiser(nn.Module):
         }
         self.memory = MemoryOptions()
         self.single_feature_net = SingleFeatureNet(c_s, n_timestep, c_pos_emb, c_timestep_emb, position_scale)
-        self.pair_feature_net = PairFeatureNet(c_s, c_p, relpos_k, template_type)
+        self.pair_feature_net = PairFeatureNet(c_s, c_p, relpos_k, template_type) if mode != "factorized" else None
         self.pair_transform_net = (
             PairTransformNet(
                 c_p,
                 n_pair_transform_layer,
+                shared=approx.share_pair,
+                axial=approx.axial_attention,
                 include_mul_update=include_mul_update,
                 include_tri_att=include_tri_att,
                 c_hidden_mul=c_hidden_mul,
@@ -88,7 +103,7 @@ class Denoiser(nn.Module):
                 tri_dropout=tri_dropout,
                 pair_transition_n=pair_transition_n,
             )
-            if n_pair_transform_layer > 0
+            if n_pair_transform_layer > 0 and mode != "factorized"
             else None
         )
         self.structure_net = StructureNet(
@@ -96,6 +111,8 @@ class Denoiser(nn.Module):
             c_p,
             n_structure_layer,
             n_structure_block,
+            shared=approx.share_structure,
+            ipa_class=InvariantPointAttention if mode == "dense" else pair_ipa_class(),
             c_hidden_ipa=c_hidden_ipa,
             n_head_ipa=n_head_ipa,
             n_qk_point=n_qk_point,
@@ -104,6 +121,21 @@ class Denoiser(nn.Module):
             n_structure_transition_layer=n_structure_transition_layer,
             structure_transition_dropout=structure_transition_dropout,
         )
+        self.factor_feature_net = self.factor_transform_net = None
+        if approx.z_factor_rank:
+            from flash_genie.model.factorized import (
+                FactorizedPairFeatureNet,
+                FactorizedPairTransformLayer,
+            )
+
+            rank = approx.z_factor_rank
+            self.factor_feature_net = FactorizedPairFeatureNet(c_s, c_p, rank)
+            if n_pair_transform_layer > 0:
+                self.factor_transform_net = FactorStack(
+                    n_pair_transform_layer,
+                    lambda: FactorizedPairTransformLayer(c_p, rank, c_hidden_mul, pair_transition_n, tri_dropout),
+                    shared=approx.share_pair,
+                )
 
     @classmethod
     def from_config(cls, config: Config | str) -> Denoiser:
@@ -116,7 +148,7 @@ class Denoiser(nn.Module):
             if scale is None:
                 raise ConfigError(f"{config.source}: positionalEncoding absolute scales the residue index by "
                                   "maximumNumResidues, which is not set")
-        model = cls(**config.denoiser_kwargs(), position_scale=scale)
+        model = cls(**config.denoiser_kwargs(), position_scale=scale, approx=Approximations.from_config(config))
         model.set_memory_options(MemoryOptions.from_config(config))
         return model
 
@@ -141,11 +173,13 @@ class Denoiser(nn.Module):
         """``(pair layers, structure layer calls)`` to recompute in backward for a batch
         of ``batch`` chains padded to ``n_res``, under :attr:`memory`'s policy."""
         policy = self.memory.checkpointing
-        n_pair = 0 if self.pair_transform_net is None else len(self.pair_transform_net.net)
-        n_struct = len(self.structure_net.net) * self.structure_net.n_structure_block
+        nets = (self.pair_transform_net, self.factor_transform_net)
+        n_pair = max((net.n_layer for net in nets if net is not None), default=0)
+        n_struct = len(self.structure_net.calls())
         if policy == "none" or not torch.is_grad_enabled():
             return 0, 0
-        if policy == "all":
+        if policy == "all" or self.approx.pair_mode != "dense" or self.approx.axial_attention:
+            # The planner models the exact dense model; approximate modes checkpoint every layer.
             return n_pair, n_struct
         from flash_genie.planner import checkpoint_policy  # the planner models this class
 
@@ -173,9 +207,12 @@ class Denoiser(nn.Module):
             ``Rigid`` ``[B, N]``; ``frames.trans - returned.trans`` is the noise estimate.
         """
         mask = mask.to(frames.trans.dtype)
-        pair_mask = mask.unsqueeze(2) * mask.unsqueeze(1)
         ckpt_pair, ckpt_struct = self.checkpoint_plan(*mask.shape)
         s = self.single_feature_net(timesteps, mask)
+        if self.approx.pair_mode != "dense":
+            p = approximate_pair_stack(self, s, frames.trans, mask, checkpoint_layers=ckpt_pair)
+            return self.structure_net(s, p, frames, mask, checkpoint_layers=ckpt_struct)
+        pair_mask = mask.unsqueeze(2) * mask.unsqueeze(1)
         p = self.pair_feature_net(s, frames.trans, pair_mask)
         if self.pair_transform_net is not None:
             p = self.pair_transform_net(p, pair_mask, checkpoint_layers=ckpt_pair)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flash_genie.model.axial import AxialAttention
 from flash_genie.model.chunking import chunked
 from flash_genie.model.primitives import Linear, SharedDropout
 from genie_tk import (
@@ -52,6 +53,11 @@ class PairTransformLayer(nn.Module):
     tri-mul outgoing, tri-mul incoming, [tri-att start, tri-att end], transition;
     then the pair mask. Dropout (training only) is row-wise except after the
     ending-node attention, which is column-wise.
+
+    ``axial=True`` (approximate mode ``useAxialAttention``) puts row and column
+    attention (:class:`~flash_genie.model.axial.AxialAttention`, modules ``row_att`` and
+    ``col_att``) where triangle attention would be, whether or not
+    ``include_tri_att`` asks for triangle attention.
     """
 
     def __init__(
@@ -64,17 +70,17 @@ class PairTransformLayer(nn.Module):
         n_head_tri: int,
         tri_dropout: float,
         pair_transition_n: int,
+        axial: bool = False,
     ):
         super().__init__()
         self.tri_mul_out = TriangleMultiplicationOutgoing(c_p, c_hidden_mul) if include_mul_update else None
         self.tri_mul_in = TriangleMultiplicationIncoming(c_p, c_hidden_mul) if include_mul_update else None
         # c_hidden_tri_att is the width of one head, as in Genie and OpenFold.
-        self.tri_att_start = (
-            TriangleAttentionStartingNode(c_p, c_hidden_tri_att, n_head_tri) if include_tri_att else None
-        )
-        self.tri_att_end = (
-            TriangleAttentionEndingNode(c_p, c_hidden_tri_att, n_head_tri) if include_tri_att else None
-        )
+        triangle = include_tri_att and not axial
+        self.tri_att_start = TriangleAttentionStartingNode(c_p, c_hidden_tri_att, n_head_tri) if triangle else None
+        self.tri_att_end = TriangleAttentionEndingNode(c_p, c_hidden_tri_att, n_head_tri) if triangle else None
+        self.row_att = AxialAttention(c_p, c_hidden_tri_att, n_head_tri, starting=True) if axial else None
+        self.col_att = AxialAttention(c_p, c_hidden_tri_att, n_head_tri, starting=False) if axial else None
         self.pair_transition = PairTransition(c_p, pair_transition_n)
         self.dropout_row = SharedDropout(tri_dropout, shared_dim=-3)
         self.dropout_col = SharedDropout(tri_dropout, shared_dim=-2)
@@ -100,6 +106,9 @@ class PairTransformLayer(nn.Module):
         if self.tri_att_start is not None:
             p = _residual(p, self.dropout_row(self.tri_att_start(p, mask=pair_mask, chunk_size=chunk_size)), inplace)
             p = _residual(p, self.dropout_col(self.tri_att_end(p, mask=pair_mask, chunk_size=chunk_size)), inplace)
+        if self.row_att is not None:
+            p = _residual(p, self.dropout_row(self.row_att(p, pair_mask, chunk_size=chunk_size)), inplace)
+            p = _residual(p, self.dropout_col(self.col_att(p, pair_mask, chunk_size=chunk_size)), inplace)
         p = _residual(p, self.pair_transition(p, pair_mask, transition_chunk_size), inplace)
         mask = pair_mask.unsqueeze(-1).to(p.dtype)
         return p.mul_(mask) if inplace else p * mask
@@ -120,23 +129,32 @@ def _residual(p: torch.Tensor, update: torch.Tensor, inplace: bool) -> torch.Ten
 class PairTransformNet(nn.Module):
     """``n_pair_transform_layer`` :class:`PairTransformLayer` s (keys ``net.{i}.*``).
 
+    ``shared=True`` (model compression) keeps one layer (``net.0.*``) and applies it
+    ``n_pair_transform_layer`` times, as a universal transformer does.
+
     Memory options (see :mod:`flash_genie.model.options`): ``chunk_size`` (triangle
     attention rows), ``transition_chunk_size``, ``inplace``; ``forward``'s
-    ``checkpoint_layers`` recomputes the first that many layers in backward.
+    ``checkpoint_layers`` recomputes the first that many layer calls in backward.
     """
 
-    def __init__(self, c_p: int, n_pair_transform_layer: int, **layer_kwargs):
+    def __init__(self, c_p: int, n_pair_transform_layer: int, *, shared: bool = False, **layer_kwargs):
         super().__init__()
         self.chunk_size: int | None = None
         self.transition_chunk_size: int | None = None
         self.inplace = False
-        self.net = nn.ModuleList(PairTransformLayer(c_p, **layer_kwargs) for _ in range(n_pair_transform_layer))
+        self.n_layer = n_pair_transform_layer
+        n_modules = min(1, n_pair_transform_layer) if shared else n_pair_transform_layer
+        self.net = nn.ModuleList(PairTransformLayer(c_p, **layer_kwargs) for _ in range(n_modules))
+
+    def calls(self) -> list[PairTransformLayer]:
+        """The layers in the order they run (one module repeated when shared)."""
+        return [self.net[i % len(self.net)] for i in range(self.n_layer)] if len(self.net) else []
 
     def forward(self, p: torch.Tensor, pair_mask: torch.Tensor, checkpoint_layers: int = 0) -> torch.Tensor:
         """``p`` ``[B, N, N, c_p]``, ``pair_mask`` ``[B, N, N]`` -> ``[B, N, N, c_p]``."""
         options = {"chunk_size": self.chunk_size, "transition_chunk_size": self.transition_chunk_size,
                    "inplace": self.inplace}
-        for index, layer in enumerate(self.net):
+        for index, layer in enumerate(self.calls()):
             # The one place where per-layer memory options (activation
             # checkpointing, sequence parallelism) wrap the layer call.
             if index < checkpoint_layers and torch.is_grad_enabled():

@@ -73,9 +73,10 @@ class StructureLayer(nn.Module):
         ipa_dropout: float,
         n_structure_transition_layer: int,
         structure_transition_dropout: float,
+        ipa_class: type[InvariantPointAttention] = InvariantPointAttention,
     ):
         super().__init__()
-        self.ipa = InvariantPointAttention(c_s, c_p, c_hidden_ipa, n_head_ipa, n_qk_point, n_v_point)
+        self.ipa = ipa_class(c_s, c_p, c_hidden_ipa, n_head_ipa, n_qk_point, n_v_point)
         self.ipa_dropout = nn.Dropout(ipa_dropout)
         self.ipa_layer_norm = nn.LayerNorm(c_s)
         self.transition = StructureTransition(c_s, n_structure_transition_layer, structure_transition_dropout)
@@ -93,21 +94,33 @@ class StructureLayer(nn.Module):
 
 
 class StructureNet(nn.Module):
-    """``n_structure_block`` passes over ``n_structure_layer`` weight-shared layers."""
+    """``n_structure_block`` passes over ``n_structure_layer`` weight-shared layers.
 
-    def __init__(self, c_s: int, c_p: int, n_structure_layer: int, n_structure_block: int, **layer_kwargs):
+    ``shared=True`` (model compression) keeps one layer (``net.0.*``) and runs it
+    ``n_structure_layer · n_structure_block`` times.
+    """
+
+    def __init__(self, c_s: int, c_p: int, n_structure_layer: int, n_structure_block: int, *,
+                 shared: bool = False, **layer_kwargs):
         """``layer_kwargs`` are :class:`StructureLayer`'s remaining arguments."""
         super().__init__()
         self.n_structure_block = n_structure_block
-        self.net = nn.ModuleList(StructureLayer(c_s, c_p, **layer_kwargs) for _ in range(n_structure_layer))
+        self.n_layer = n_structure_layer
+        n_modules = min(1, n_structure_layer) if shared else n_structure_layer
+        self.net = nn.ModuleList(StructureLayer(c_s, c_p, **layer_kwargs) for _ in range(n_modules))
+
+    def calls(self) -> list[StructureLayer]:
+        """The layer calls in execution order (``n_structure_block`` passes over the layers)."""
+        if not len(self.net):
+            return []
+        return [self.net[i % len(self.net)] for _ in range(self.n_structure_block) for i in range(self.n_layer)]
 
     def forward(
         self, s: torch.Tensor, p: torch.Tensor, frames: Rigid, mask: torch.Tensor, checkpoint_layers: int = 0
     ) -> Rigid:
         """Refined frames ``[B, N]`` starting from the input ``frames``; the first
         ``checkpoint_layers`` layer calls (in execution order) are recomputed in backward."""
-        calls = [layer for _ in range(self.n_structure_block) for layer in self.net]
-        for index, layer in enumerate(calls):
+        for index, layer in enumerate(self.calls()):
             if index < checkpoint_layers and torch.is_grad_enabled():
                 s, frames = checkpoint(layer, s, p, frames, mask, use_reentrant=False)
             else:

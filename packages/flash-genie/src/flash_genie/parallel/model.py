@@ -24,6 +24,9 @@ def sequence_parallel_forward(model: Denoiser, frames: Rigid, timesteps: torch.T
     split; the pair features are built for the local rows only, so no rank ever holds the
     whole ``[B, N, N, c_p]`` pair tensor.
     """
+    if model.approx.pair_mode != "dense" or model.approx.axial_attention:
+        raise ValueError("sequence parallelism splits the dense pair tensor with triangle updates and attention; "
+                         f"this model uses the approximate pair mode {model.approx.describe()!r}")
     rows = shard.rows
     mask = mask.to(frames.trans.dtype)
     pair_mask = mask[:, rows, None] * mask[:, None, :]

@@ -158,6 +158,6 @@ def pair_stack(net: PairTransformNet, p: torch.Tensor, mask: torch.Tensor, shard
     """:class:`PairTransformNet` on this rank's rows: ``p`` ``[B, I_r, N, c_p]``, ``mask``
     ``[B, I_r, N]`` (rows ``shard.rows`` of the pair mask) -> the output's rows."""
     mask_t = transpose_rows(mask, shard)
-    for layer in net.net:
+    for layer in net.calls():
         p = pair_layer(layer, p, mask, mask_t, shard, net.chunk_size)
     return p

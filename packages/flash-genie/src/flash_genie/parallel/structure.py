@@ -55,7 +55,6 @@ def structure_net(net: StructureNet, s: torch.Tensor, p: torch.Tensor, frames: R
     """:class:`StructureNet` on this rank's rows (shapes as :func:`structure_layer`); returns
     the refined frames of those rows."""
     mask = mask_all[:, shard.rows]
-    for _ in range(net.n_structure_block):
-        for layer in net.net:
-            s, frames = structure_layer(layer, s, p, frames, mask, mask_all, shard)
+    for layer in net.calls():
+        s, frames = structure_layer(layer, s, p, frames, mask, mask_all, shard)
     return frames
