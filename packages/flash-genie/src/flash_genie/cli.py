@@ -67,6 +67,7 @@ def _train(args) -> int:
         grid = f" × {trainer.dist.grid.describe()}" if trainer.dist.enabled else ""
         print(f"training {config['name']!r}: {trainer.max_steps} steps on {trainer.device}{grid} "
               f"({trainer.precision}), {len(trainer.indices)} chains; output in {out}")
+        _describe_model(trainer.model)
     try:
         trainer.fit(resume=args.resume)
     finally:
@@ -81,6 +82,21 @@ def _train(args) -> int:
         samples = write_backbones(backbones, out / "samples", title="flash-genie quickstart")
         _report(samples)
     return 0
+
+
+def _describe_model(model) -> None:
+    """Parameter count, and the approximate modes when any is on (layer sharing: the count
+    without it and the size of the weights)."""
+    from flash_genie.model.approx import parameter_report
+
+    report = parameter_report(model)
+    line = f"model: {report['parameters']:,} parameters"
+    if not model.approx.exact:
+        line += f"; approximate modes: {model.approx.describe()}"
+    if model.approx.compression:
+        line += (f" ({report['parameters_without_sharing']:,} without sharing; weights "
+                 f"{report['state_dict_bytes'] / 2**20:.1f} MiB)")
+    print(line)
 
 
 def _sample(args) -> int:

@@ -8,6 +8,7 @@ length), so ``L`` may not exceed it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +104,22 @@ def generate(model: Denoiser, config: Config, lengths: list[int], num: int, *, n
 
 
 def write_backbones(backbones: list[Backbone], out_dir: str | os.PathLike, title: str | None = None) -> Path:
-    """``<out>/pdbs/<L>_<i>.pdb`` (Cα trace) and Genie's text files ``<out>/coords/<L>_<i>.npy``."""
+    """``<out>/pdbs/<L>_<i>.pdb`` (Cα trace) and Genie's text files ``<out>/coords/<L>_<i>.npy``.
+
+    A sample whose coordinates leave the PDB format's fixed columns (beyond -999.999 Å or
+    9999.999 Å: an undertrained model's samples can diverge) is written as ``.cif`` in the
+    same folder instead, with a warning, so that nothing is lost and evaluation still reads it.
+    """
     out = Path(out_dir)
     (out / "pdbs").mkdir(parents=True, exist_ok=True)
     (out / "coords").mkdir(parents=True, exist_ok=True)
     for bb in backbones:
-        write_ca_pdb(out / "pdbs" / f"{bb.name}.pdb", bb.coords, title=title)
+        coords = np.asarray(bb.coords)
+        if ((coords < -999.999) | (coords > 9999.999)).any():
+            warnings.warn(f"sample {bb.name} reaches {np.abs(coords).max():.0f} Å, beyond the PDB format: "
+                          f"written as {bb.name}.cif", stacklevel=2)
+            write_ca_pdb(out / "pdbs" / f"{bb.name}.cif", bb.coords, title=title)
+        else:
+            write_ca_pdb(out / "pdbs" / f"{bb.name}.pdb", bb.coords, title=title)
         write_genie_coords(out / "coords" / f"{bb.name}.npy", bb.coords)
     return out

@@ -211,3 +211,75 @@ def test_shared_model_equals_the_plain_model_with_copied_layers():
         state[key] = shared.state_dict()[source]
     plain.load_state_dict(state)
     torch.testing.assert_close(_noise(shared), _noise(plain), rtol=1e-12, atol=1e-12)
+
+
+# -- sparse and factorized+sparse pairs inside the denoiser ----------------------------------------
+def test_sparse_model_with_every_neighbour_is_the_dense_model():
+    dense = _randomize(Denoiser.from_config(TINY.replace(includeTriangularAttention=True)).double(), seed=5).eval()
+    sparse = Denoiser.from_config(TINY.replace(includeTriangularAttention=True, useSparseKNN=True, kNeighbors=12))
+    sparse.double().eval().load_state_dict(dense.state_dict())  # the same modules and keys
+    real = torch.tensor([[1] * 12, [1] * 9 + [0] * 3], dtype=torch.bool)
+    torch.testing.assert_close(_noise(sparse)[real], _noise(dense)[real], rtol=1e-11, atol=1e-11)
+    few = Denoiser.from_config(TINY.replace(includeTriangularAttention=True, useSparseKNN=True, kNeighbors=4))
+    few.double().eval().load_state_dict(dense.state_dict())
+    assert (_noise(few)[real] - _noise(dense)[real]).abs().max() > 1e-3  # fewer pairs: a different model
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_hybrid_ipa_is_ipa_on_the_materialised_low_rank_plus_sparse_pair(chunk):
+    from flash_genie.model.approx import HybridPair, hybrid_ipa
+    from flash_genie.model.factorized import FactorPair
+    from flash_genie.model.ipa import InvariantPointAttention
+    from flash_genie.model.rigid import Rigid
+    from flash_genie.model.sparse import SparsePair, build_graph, scatter_pairs
+
+    torch.manual_seed(2)
+    b, n, c_s, c_z, r, k = 2, 10, 8, 6, 2, 4
+    ipa = _randomize(InvariantPointAttention(c_s, c_z, 4, 3, 2, 2).double(), seed=6)
+    ipa.chunk_size = chunk
+    mask = torch.ones(b, n, dtype=torch.float64)
+    mask[1, 7:] = 0
+    x = torch.cumsum(torch.randn(b, n, 3, dtype=torch.float64) * 2, dim=1)
+    frames = Rigid(torch.linalg.qr(torch.randn(b, n, 3, 3, dtype=torch.float64))[0], x)
+    graph = build_graph(x, mask, k, "hybrid")
+    left, right = (torch.randn(b, n, r, c_z, dtype=torch.float64) * mask[..., None, None] for _ in range(2))
+    values = torch.randn(b, n, k, c_z, dtype=torch.float64) * graph.valid[..., None]
+    s = torch.randn(b, n, c_s, dtype=torch.float64, requires_grad=True)
+    factors, sparse = FactorPair(left.requires_grad_(), right.requires_grad_()), SparsePair(values, graph)
+    out = hybrid_ipa(ipa, s, HybridPair(factors, sparse), frames, mask)
+    dense_pair = factors.materialize() + scatter_pairs(sparse)
+    expected = InvariantPointAttention.forward(ipa, s, dense_pair, frames, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out[real].sum(), (s, left, right))
+    expected_grads = torch.autograd.grad(expected[real].sum(), (s, left, right))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("text", [LONG_SEQUENCE_TRAINING, ULTRA_LONG_TRAINING], ids=["long", "ultra"])
+def test_user_configs_start_training_at_reduced_length(text, tmp_path):
+    """The two configurations as written, with a shorter chain, a few steps and (for the
+    progressive one) short stages, train on the CPU and write a checkpoint."""
+    from flash_genie.training import Trainer
+
+    config = Config.from_text(text, source="<user config>")
+    reduced = {"maximumNumResidues": 40, "maximumSteps": 3, "precision": "fp32", "batchSize": 1}
+    if config["useProgressiveTraining"]:
+        reduced.update(progressiveStartLength=16, progressiveStageSteps=1)
+    trainer = Trainer(config.replace(**reduced), tmp_path, device="cpu", progress=False)
+    lengths = []
+    trainer.model.register_forward_pre_hook(lambda module, args: lengths.append(args[2].shape[1]))
+    logs = trainer.fit()
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(log.loss)) for log in logs)
+    assert (tmp_path / "checkpoints" / "final.pt").exists()
+    approx = trainer.model.approx
+    if config["useSparseKNN"]:
+        assert approx.pair_mode == "factorized+sparse" and approx.compression == "universal"
+        assert lengths == [16, 32, 40]  # progressive: 16, then 32, then maximumNumResidues
+        assert trainer.loss_options["aux_distance_weight"] == 1.0 and trainer.loss_options["loss_chunk_size"] == 128
+        report = parameter_report(trainer.model)
+        assert report["parameters"] * 3 < report["parameters_without_sharing"]
+    else:
+        assert approx.pair_mode == "factorized" and lengths == [40, 40, 40]
+        assert trainer.model.pair_transform_net is None and len(trainer.model.factor_transform_net.net) == 5
