@@ -66,10 +66,24 @@ CONFIGURATIONS = {
 OFF, LONG = "all off", "long sequence (+ every layer checkpointed)"
 GENIE = "original Genie (its own code)"
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+SOURCE_PATHS = ("packages/genie-tk/src", "packages/flash-genie/src", "benchmarks/model_memory.py")
 
 
 def _options_json(options: MemoryOptions) -> dict:
     return {k: v for k, v in vars(options).items()}
+
+
+def source() -> dict:
+    """``{"hash", "changed"}``: the checkout's HEAD and the tracked source files the figures
+    depend on (both packages' ``src/``, this script) that differ from it. Each child records
+    it when it starts, so a row names the code it measured even while others commit."""
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("diff", "--name-only", "HEAD", "--", *SOURCE_PATHS)
+    return {"hash": git("rev-parse", "HEAD") or "unknown",
+            "changed": changed.splitlines() if changed else []}
 
 
 # -- child: one measurement ---------------------------------------------------------
@@ -115,6 +129,7 @@ def _inputs(length: int, batch: int, seed: int = 0):
 
 
 def child(args) -> dict:
+    code = source()
     torch.manual_seed(0)
     config = _architecture(args.config)
     if args.child == GENIE:
@@ -127,7 +142,8 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     rss = memory.peak_mib(lambda: step(*inputs), torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    out = {"peak_rss_mib": rss, "step_s": seconds, "malloc": "default" if args.default_malloc else "mmap-128KiB"}
+    out = {"peak_rss_mib": rss, "step_s": seconds, "malloc": "default" if args.default_malloc else "mmap-128KiB",
+           "source": code}
     if not args.no_tracker:
         model.zero_grad(set_to_none=True)
         with TensorMemoryTracker() as tracker:
@@ -177,6 +193,7 @@ def run(args) -> dict:
         if args.genie_source:
             names = [GENIE, *names]
         plan += [(name, length) for name in names]
+    code = source()  # before the first child: the code the run starts from
     rows = []
     for name, length in plan:
         print(f"measuring {name!r} at L={length} ...", flush=True)
@@ -203,17 +220,15 @@ def run(args) -> dict:
         rows.append({"configuration": LONG, "length": length, "batch": args.batch, "dtype": "float32",
                      "options": _options_json(CONFIGURATIONS[LONG]), **extra})
     arch = f"the architecture of {args.config}" if args.config else "Genie defaults (scope_l_128's model)"
-    return {"schema": SCHEMA, "environment": _environment(), "config": {
+    return {"schema": SCHEMA, "environment": _environment(code), "config": {
         "architecture": arch, "batch": args.batch, "lengths": lengths,
         "quick": args.quick, "chunk_size": CHUNK, "malloc_env": MMAP_ENV,
         "genie_source": args.genie_source}, "results": rows, "summary": summary(rows, lengths)}
 
 
-def _environment() -> dict:
+def _environment(code: dict) -> dict:
     env = environment(torch.device("cpu"))
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "packages", "benchmarks"],
-                           cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-    env["commit"]["dirty"] = bool(dirty)
+    env["commit"] = {"hash": code["hash"], "dirty": bool(code["changed"]), "changed": code["changed"]}
     return env
 
 
@@ -243,7 +258,8 @@ def summary(rows: list[dict], lengths: list[int]) -> dict:
 def markdown(doc: dict, plot: str | None) -> str:
     env, cfg = doc["environment"], doc["config"]
     lines = [f"# flash-genie training-step memory ({'quick, ' if cfg['quick'] else ''}CPU)", "",
-             f"{env['date'][:10]} · commit `{env['commit']['hash'][:10]}`{' (dirty)' if env['commit']['dirty'] else ''}"
+             f"{env['date'][:10]} · commit `{env['commit']['hash'][:10]}`"
+             f"{' (source files changed: ' + ', '.join(env['commit']['changed']) + ')' if env['commit']['changed'] else ''}"
              f" · torch {env['torch']} · {env['device']['name']} · {env['device']['threads']} threads, "
              f"load {env['device']['load_avg_1min']:.1f}", "",
              f"{cfg['architecture']}, B={cfg['batch']}, float32, one training step (forward + backward). "
@@ -278,6 +294,10 @@ def markdown(doc: dict, plot: str | None) -> str:
     if "planner_max_abs_error_rss" in doc["summary"]:
         lines += ["", f"Planner: largest error against the measured peak "
                   f"{100 * doc['summary']['planner_max_abs_error_rss']:.1f}%."]
+    sources = {(r["source"]["hash"], tuple(r["source"]["changed"])) for r in doc["results"] if "source" in r}
+    if len(sources) > 1:
+        lines += ["", "The rows ran on different source trees (others committed during the run): " + "; ".join(
+            f"`{h[:10]}`" + (f" with {', '.join(c)} changed" if c else "") for h, c in sorted(sources)) + "."]
     if plot:
         lines += ["", f"![peak memory against L]({plot})"]
     return "\n".join(lines) + "\n"

@@ -35,6 +35,7 @@ def test_model_memory_benchmark(tmp_path):
     for row in rows.values():
         assert row["status"] == "ok" and row["peak_rss_mib"] > 0 and row["peak_tensor_mib"] > 0
         assert abs(row["prediction_error_tensor"]) < 0.25
+        assert len(row["source"]["hash"]) == 40 and isinstance(row["source"]["changed"], list)
     assert 0 < doc["summary"]["40"]["ratio"] < 1
     text = (tmp_path / "smoke.md").read_text()
     assert "| all off | 40 |" in text and "Long-sequence configuration against everything off" in text
