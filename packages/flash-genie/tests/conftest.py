@@ -42,6 +42,21 @@ numStructureTransitionLayers 1
 numTimesteps 100
 """
 
+#: Training keys of the trainer and command-line tests: 24-residue chains of the builtin
+#: dataset, 6 steps of 3 chains (2 of learning-rate warm-up), a checkpoint every 2 steps, float32.
+TINY_TRAINING = {
+    "maximumNumResidues": 24,
+    "minimumNumResidues": 20,
+    "batchSize": 3,
+    "learningRate": 1e-3,
+    "seed": 5,
+    "maximumSteps": 6,
+    "checkpointEverySteps": 2,
+    "warmupSteps": 2,
+    "gradientClipVal": 1.0,
+    "precision": "fp32",
+}
+
 
 def report(label: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Print and return the max absolute difference."""
@@ -86,6 +101,17 @@ def reference_model(genie_reference):
 @pytest.fixture
 def tiny_config() -> Config:
     return Config.from_text(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def training_config():
+    """``training_config(**overrides)``: a fresh :data:`TINY_CONFIG` with :data:`TINY_TRAINING`,
+    and ``overrides`` (file keys, e.g. ``maximumSteps=2``) on top."""
+
+    def build(**overrides) -> Config:
+        return Config.from_text(TINY_CONFIG).replace(**{**TINY_TRAINING, **overrides})
+
+    return build
 
 
 def random_model(config: Config, seed: int = 0, dtype=torch.float64) -> Denoiser:

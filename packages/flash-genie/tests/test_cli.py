@@ -9,35 +9,15 @@ from flash_genie import Config
 from flash_genie.cli import QUICKSTART, main
 from flash_genie.data import Dataset, builtin_dataset, write_ca_pdb
 
-TINY = """
-name tiny_cli
-maximumNumResidues 24
-minimumNumResidues 20
-singleFeatureDimension 16
-pairFeatureDimension 8
-positionalEmbeddingDimension 8
-timestepEmbeddingDimension 8
-relativePositionK 4
-numPairTransformLayers 1
-triangularMultiplicativeHiddenDimension 8
-pairTransitionN 2
-numStructureLayers 1
-ipaHiddenDimension 4
-ipaNumHeads 2
-ipaNumQkPoints 2
-ipaNumVPoints 2
-numTimesteps 20
-batchSize 2
-maximumSteps 3
-checkpointEverySteps 1
-precision fp32
-"""
+# The shared training config (conftest.TINY_TRAINING) with shorter runs and a 20-step schedule,
+# so that sampling stays quick.
+CLI = {"batchSize": 2, "maximumSteps": 3, "checkpointEverySteps": 1, "numTimesteps": 20}
 
 
 @pytest.fixture
-def config_file(tmp_path):
+def config_file(tmp_path, training_config):
     path = tmp_path / "tiny.config"
-    path.write_text(TINY)
+    path.write_text(training_config(**CLI).to_text(full=False))
     return path
 
 
@@ -46,7 +26,7 @@ def test_quickstart_preset_is_a_valid_config():
     assert config["dataset"] == "builtin" and config["maximumSteps"] > 0
 
 
-def test_train_resume_sample_evaluate(tmp_path, config_file, capsys):
+def test_train_resume_sample_evaluate(tmp_path, config_file, training_config, capsys):
     run = tmp_path / "run"
     assert main(["train", str(config_file), "--out", str(run), "--device", "cpu", "--no-progress"]) == 0
     final = run / "checkpoints" / "final.pt"
@@ -57,7 +37,7 @@ def test_train_resume_sample_evaluate(tmp_path, config_file, capsys):
     assert main(["train", str(config_file), "--out", str(run), "--device", "cpu", "--no-progress",
                  "--resume", "--max-steps", "4"]) == 0  # a longer run continues
     assert torch.load(final, weights_only=True)["step"] == 4
-    config_file.write_text(TINY.replace("batchSize 2", "batchSize 3"))
+    config_file.write_text(training_config(**{**CLI, "batchSize": 3}).to_text(full=False))
     assert main(["train", str(config_file), "--out", str(run), "--device", "cpu", "--no-progress",
                  "--resume", "--max-steps", "5"]) == 2  # another config: refused
     assert "different configuration" in capsys.readouterr().err

@@ -7,48 +7,15 @@ import json
 import pytest
 import torch
 
-from flash_genie import Config
 from flash_genie.training import Trainer, read_metrics
-
-TINY = """
-name tiny_train
-maximumNumResidues 24
-minimumNumResidues 20
-singleFeatureDimension 16
-pairFeatureDimension 8
-positionalEmbeddingDimension 8
-timestepEmbeddingDimension 8
-relativePositionK 4
-numPairTransformLayers 1
-triangularMultiplicativeHiddenDimension 8
-pairTransitionN 2
-numStructureLayers 1
-ipaHiddenDimension 4
-ipaNumHeads 2
-ipaNumQkPoints 2
-ipaNumVPoints 2
-numTimesteps 100
-batchSize 3
-learningRate 1e-3
-seed 5
-maximumSteps 6
-checkpointEverySteps 2
-warmupSteps 2
-gradientClipVal 1.0
-precision fp32
-"""
-
-
-def _config(**overrides) -> Config:
-    return Config.from_text(TINY).replace(**overrides)
 
 
 class Killed(Exception):
     pass
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    config = _config()
+def test_resume_continues_the_same_trajectory(tmp_path, training_config):
+    config = training_config()
     full = [log.loss for log in Trainer(config, tmp_path / "full", device="cpu", progress=False).fit()]
     assert len(full) == 6
 
@@ -68,28 +35,28 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert (run / "loss.png").stat().st_size > 0 and (run / "checkpoints" / "final.pt").is_file()
 
 
-def test_loss_goes_down_on_a_fixed_dataset(tmp_path):
-    config = _config(maximumSteps=60, checkpointEverySteps=0, learningRate=3e-3, batchSize=4)
+def test_loss_goes_down_on_a_fixed_dataset(tmp_path, training_config):
+    config = training_config(maximumSteps=60, checkpointEverySteps=0, learningRate=3e-3, batchSize=4)
     logs = Trainer(config, tmp_path, device="cpu", progress=False).fit()
     first, last = [sum(log.loss for log in part) / 10 for part in (logs[:10], logs[-10:])]
     print(f"mean loss of the first 10 steps {first:.3f}, last 10 {last:.3f}")
     assert last < 0.9 * first
 
 
-def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
-    config = _config(maximumSteps=1)
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, training_config):
+    config = training_config(maximumSteps=1)
     Trainer(config, tmp_path, device="cpu", progress=False).fit()
     with pytest.raises(FileExistsError, match="pass resume=True"):
         Trainer(config, tmp_path, device="cpu", progress=False).fit()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(config, tmp_path / "empty", device="cpu", progress=False).fit(resume=True)
-    other = _config(maximumSteps=2, learningRate=5e-4)
+    other = training_config(maximumSteps=2, learningRate=5e-4)
     with pytest.raises(ValueError, match="different configuration"):
         Trainer(other, tmp_path, device="cpu", progress=False).fit(resume=True)
 
 
-def test_accumulation_and_metrics(tmp_path):
-    config = _config(maximumSteps=2, accumulateGradBatches=2, checkpointEverySteps=0)
+def test_accumulation_and_metrics(tmp_path, training_config):
+    config = training_config(maximumSteps=2, accumulateGradBatches=2, checkpointEverySteps=0)
     trainer = Trainer(config, tmp_path, device="cpu", progress=False)
     trainer.fit()
     assert trainer.sampler.position == 4 or trainer.sampler.epoch > 0  # two micro-batches per step

@@ -10,39 +10,10 @@ import sys
 import pytest
 import torch
 
-from flash_genie import Config
 from flash_genie.training import Trainer, read_metrics
 
-TINY = """
-name tiny_ddp
-maximumNumResidues 24
-minimumNumResidues 20
-singleFeatureDimension 16
-pairFeatureDimension 8
-positionalEmbeddingDimension 8
-timestepEmbeddingDimension 8
-relativePositionK 4
-numPairTransformLayers 1
-includeTriangularAttention True
-triangularMultiplicativeHiddenDimension 8
-triangularAttentionHiddenDimension 4
-triangularAttentionNumHeads 2
-pairTransitionN 2
-numStructureLayers 1
-ipaHiddenDimension 4
-ipaNumHeads 2
-ipaNumQkPoints 2
-ipaNumVPoints 2
-numTimesteps 100
-batchSize 2
-accumulateGradBatches 2
-learningRate 1e-3
-seed 5
-maximumSteps 4
-checkpointEverySteps 2
-gradientClipVal 1.0
-precision fp32
-"""
+# The shared training config (conftest.TINY_TRAINING) in batches of 2 chains, 2 accumulated per step.
+DDP = {"batchSize": 2, "accumulateGradBatches": 2, "maximumSteps": 4}
 
 # Runs in each of the 2 processes torchrun starts: argv = output folder, config file.
 WORKER = """
@@ -87,11 +58,11 @@ sp.dist.close()
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, training_config):
     """The worker's results and output folder (one torchrun launch for the module)."""
     out = tmp_path_factory.mktemp("distributed")
     (out / "worker.py").write_text(WORKER)
-    (out / "tiny.config").write_text(TINY)
+    (out / "tiny.config").write_text(training_config(**DDP).to_text(full=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
            str(out / "worker.py"), str(out), str(out / "tiny.config")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -114,17 +85,17 @@ def test_ddp_resume_continues_the_same_trajectory(runs):
     assert (out / "ddp" / "loss.png").stat().st_size > 0
 
 
-def test_sequence_parallel_training_is_the_single_process_run(runs, tmp_path):
+def test_sequence_parallel_training_is_the_single_process_run(runs, training_config, tmp_path):
     results, _ = runs
     assert results["sp_layout"] == "2 processes = data 1 × sequence 2"
-    single = [log.loss for log in Trainer(Config.from_text(TINY), tmp_path, device="cpu", progress=False).fit()]
+    single = [log.loss for log in Trainer(training_config(**DDP), tmp_path, device="cpu", progress=False).fit()]
     print("single process", single, "sequence parallel", results["sp"])
     assert results["sp"] == pytest.approx(single, rel=1e-5)
 
 
-def test_one_process_refuses_a_distributed_checkpoint_and_a_sequence_group(runs):
+def test_one_process_refuses_a_distributed_checkpoint_and_a_sequence_group(runs, training_config):
     _, out = runs
-    config = Config.from_text(TINY)
+    config = training_config(**DDP)
     with pytest.raises(ValueError, match="written by 2 processes"):
         Trainer(config.replace(maximumSteps=6), out / "ddp", device="cpu", progress=False).fit(resume=True)
     with pytest.raises(ValueError, match="sequenceParallelSize 2 needs a multiple of 2 processes"):
