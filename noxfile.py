@@ -63,13 +63,17 @@ def bench(session: nox.Session) -> None:
     """Kernel benchmarks into benchmarks/results (``nox -s bench -- --quick`` on a
     CPU; arguments go to ``python -m genie_bench``, see benchmarks/README.md).
     ``nox -s bench -- --model [--quick]`` runs the model memory benchmark instead
-    (``benchmarks/model_memory.py``, arguments after ``--model`` go to it).
+    (``benchmarks/model_memory.py``, arguments after ``--model`` go to it);
+    ``--approx`` the approximate modes' memory and time (``benchmarks/approx_modes.py``) and
+    ``--approx-quality`` their quality at the same training budget (``benchmarks/approx_quality.py``).
     matplotlib, for the plots, is installed in this session only."""
     install(session)
     session.install("matplotlib")
     bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
-    if "--model" in session.posargs:
-        args = [a for a in session.posargs if a != "--model"]
-        session.run("python", os.path.join(bench_dir, "model_memory.py"), *args)
-        return
+    scripts = {"--model": "model_memory.py", "--approx": "approx_modes.py", "--approx-quality": "approx_quality.py"}
+    for flag, script in scripts.items():
+        if flag in session.posargs:
+            args = [a for a in session.posargs if a != flag]
+            session.run("python", os.path.join(bench_dir, script), *args)
+            return
     session.run("python", "-m", "genie_bench", *session.posargs, env={"PYTHONPATH": bench_dir})
