@@ -23,6 +23,7 @@ run records that figure too, ``--default-malloc-also``).
     python benchmarks/model_memory.py                  # L = 256, 384 (about 20 minutes on 2 cores)
     python benchmarks/model_memory.py --quick          # L = 64, 96 (under a minute)
     python benchmarks/model_memory.py --genie-source /path/to/genie  # add the original Genie's own figure
+    python benchmarks/model_memory.py --report benchmarks/results/model_memory_cpu_<date>.json  # markdown, plot again
 
 Files: ``benchmarks/results/model_memory_cpu_<date>[_quick].{json,md,png}``.
 """
@@ -73,17 +74,33 @@ def _options_json(options: MemoryOptions) -> dict:
     return {k: v for k, v in vars(options).items()}
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True)
+
+
 def source() -> dict:
     """``{"hash", "changed"}``: the checkout's HEAD and the tracked source files the figures
-    depend on (both packages' ``src/``, this script) that differ from it. Each child records
-    it when it starts, so a row names the code it measured even while others commit."""
-    def git(*args):
-        done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
+    depend on (``SOURCE_PATHS``: both packages' ``src/``, this script) that differ from it.
+    Each child records it when it starts, so a row names the code it measured even while
+    others commit."""
+    head, changed = _git("rev-parse", "HEAD"), _git("diff", "--name-only", "HEAD", "--", *SOURCE_PATHS)
+    return {"hash": head.stdout.strip() if head.returncode == 0 else "unknown",
+            "changed": changed.stdout.split() if changed.returncode == 0 else []}
 
-    changed = git("diff", "--name-only", "HEAD", "--", *SOURCE_PATHS)
-    return {"hash": git("rev-parse", "HEAD") or "unknown",
-            "changed": changed.splitlines() if changed else []}
+
+def source_trees(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The distinct source trees the rows measured, and every commit they ran at. Two
+    commits whose ``SOURCE_PATHS`` are the same (``git diff`` finds nothing between them)
+    are one tree; files changed in the working tree make a tree of their own."""
+    sources = [r["source"] for r in rows if "source" in r]
+    commits = list(dict.fromkeys(s["hash"] for s in sources))
+    trees: list[dict] = []
+    for s in sources:
+        if not any(t["changed"] == s["changed"] and (t["hash"] == s["hash"] or (
+                not s["changed"] and _git("diff", "--quiet", t["hash"], s["hash"], "--", *SOURCE_PATHS).returncode == 0))
+                   for t in trees):
+            trees.append(s)
+    return trees, commits
 
 
 # -- child: one measurement ---------------------------------------------------------
@@ -294,10 +311,14 @@ def markdown(doc: dict, plot: str | None) -> str:
     if "planner_max_abs_error_rss" in doc["summary"]:
         lines += ["", f"Planner: largest error against the measured peak "
                   f"{100 * doc['summary']['planner_max_abs_error_rss']:.1f}%."]
-    sources = {(r["source"]["hash"], tuple(r["source"]["changed"])) for r in doc["results"] if "source" in r}
-    if len(sources) > 1:
+    trees, commits = source_trees(doc["results"])
+    if len(trees) > 1:
         lines += ["", "The rows ran on different source trees (others committed during the run): " + "; ".join(
-            f"`{h[:10]}`" + (f" with {', '.join(c)} changed" if c else "") for h, c in sorted(sources)) + "."]
+            f"`{t['hash'][:10]}`" + (f" with {', '.join(t['changed'])} changed" if t["changed"] else "")
+            for t in trees) + "."]
+    elif len(commits) > 1:
+        lines += ["", f"Others committed during the run (rows at {', '.join(f'`{c[:10]}`' for c in commits)}); "
+                  f"none of those commits changed the measured source ({', '.join(SOURCE_PATHS)})."]
     if plot:
         lines += ["", f"![peak memory against L]({plot})"]
     return "\n".join(lines) + "\n"
@@ -351,6 +372,8 @@ def main(argv=None) -> int:
                     help="also measure the long-sequence configuration under glibc's default malloc")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", help="file stem (default model_memory_cpu_<date>[_quick])")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="measure nothing: write the markdown and plot of a result file again, beside it")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--default-malloc", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-tracker", action="store_true", help=argparse.SUPPRESS)
@@ -359,14 +382,17 @@ def main(argv=None) -> int:
         args.length = args.lengths[0]
         print(json.dumps(child(args)))
         return 0
-    doc = run(args)
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    stem = args.name or f"model_memory_cpu_{date}" + ("_quick" if args.quick else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot = f"{stem}.png" if write_plot(doc, args.out / f"{stem}.png", _architecture(args.config)) else None
-    (args.out / f"{stem}.md").write_text(markdown(doc, plot))
-    print((args.out / f"{stem}.md").read_text())
+    if args.report:
+        doc, out, stem = json.loads(args.report.read_text()), args.report.parent, args.report.stem
+    else:
+        doc = run(args)
+        date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        out, stem = args.out, args.name or f"model_memory_cpu_{date}" + ("_quick" if args.quick else "")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot = f"{stem}.png" if write_plot(doc, out / f"{stem}.png", _architecture(args.config)) else None
+    (out / f"{stem}.md").write_text(markdown(doc, plot))
+    print((out / f"{stem}.md").read_text())
     bad = [r for r in doc["results"] if r["status"] != "ok"]
     return 1 if bad else 0
 

@@ -19,10 +19,15 @@ numStructureLayers 1
 """
 
 
-def test_model_memory_benchmark(tmp_path):
+def _load():
     spec = importlib.util.spec_from_file_location("model_memory", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_model_memory_benchmark(tmp_path):
+    bench = _load()
     config = tmp_path / "small.config"
     config.write_text(SMALL)
     status = bench.main(["--lengths", "40", "--all-configs-at", "--config", str(config), "--out", str(tmp_path),
@@ -39,3 +44,17 @@ def test_model_memory_benchmark(tmp_path):
     assert 0 < doc["summary"]["40"]["ratio"] < 1
     text = (tmp_path / "smoke.md").read_text()
     assert "| all off | 40 |" in text and "Long-sequence configuration against everything off" in text
+    # --report writes the same markdown again from the result file, measuring nothing
+    (tmp_path / "smoke.md").unlink()
+    assert bench.main(["--report", str(tmp_path / "smoke.json"), "--config", str(config)]) == 0
+    assert (tmp_path / "smoke.md").read_text() == text
+
+
+def test_source_trees_tell_edited_trees_apart():
+    bench = _load()
+    head = bench.source()["hash"]
+    rows = [{"source": {"hash": head, "changed": []}}, {"source": {"hash": head, "changed": []}},
+            {"source": {"hash": head, "changed": ["packages/flash-genie/src/flash_genie/model/ipa.py"]}}, {}]
+    trees, commits = bench.source_trees(rows)
+    assert commits == [head]
+    assert [t["changed"] for t in trees] == [[], ["packages/flash-genie/src/flash_genie/model/ipa.py"]]
