@@ -12,8 +12,9 @@ import torch
 
 from flash_genie.training import Trainer, read_metrics
 
-# The shared training config (conftest.TINY_TRAINING) in batches of 2 chains, 2 accumulated per step.
-DDP = {"batchSize": 2, "accumulateGradBatches": 2, "maximumSteps": 4}
+# The shared training config (conftest.TINY_TRAINING) in batches of 2 chains, 2 accumulated per step,
+# with triangle attention (its sequence-parallel all-to-alls).
+DDP = {"batchSize": 2, "accumulateGradBatches": 2, "maximumSteps": 4, "includeTriangularAttention": True}
 
 # Runs in each of the 2 processes torchrun starts: argv = output folder, config file.
 WORKER = """
