@@ -148,26 +148,43 @@ def fit_exponent(lengths: list[int], values: list[float]) -> float | None:
 
 
 def run(args) -> dict:
-    linear_lengths = [64, 128, 256] if args.quick else [512, 1024, 2048]
-    quadratic_lengths = [32, 64, 128] if args.quick else [256, 512, 1024]
+    linear_lengths = args.linear_lengths or ([64, 128, 256] if args.quick else [512, 1024, 2048])
+    quadratic_lengths = args.quadratic_lengths or ([32, 64, 128] if args.quick else [256, 512, 1024])
     attention_n = [32, 64, 96] if args.quick else [128, 256, 384]
     small = ["--small"] if args.quick else []
+    # Every finished row is appended to a journal, so an interrupted run continues (--resume).
+    journal = args.out / f"{results.stem('approx_modes_cpu', args.quick)}.partial.jsonl"
+    done = {}
+    if args.resume and journal.exists():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            done[(row.get("mode") or row.get("module"), row.get("length") or row.get("n"))] = row
+    journal.parent.mkdir(parents=True, exist_ok=True)
+
+    def measure(key, make_row):
+        if key in done:
+            print("    (journal)", done[key], flush=True)
+            return done[key]
+        row = make_row()
+        print("   ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        with journal.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return row
+
     steps = []
     for name, lengths in [*((m, linear_lengths) for m in LINEAR), *((m, quadratic_lengths) for m in QUADRATIC)]:
         for length in lengths:
             print(f"training step: {name!r} at L={length} ...", flush=True)
-            row = {"mode": name, "length": length,
-                   **_child(["--child-step", name, "--length", str(length), *small])}
-            print("   ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            row = measure((name, length), lambda name=name, length=length: {
+                "mode": name, "length": length, **_child(["--child-step", name, "--length", str(length), *small])})
             steps.append(row)
             if row["status"] != "ok":
                 break  # longer chains will not fit either
     attention = []
     for kind in ("triangle", "axial"):
         for n in attention_n:
-            row = {"module": kind, "n": n, **_child(["--child-attention", kind, "--length", str(n)])}
-            print("   ", row, flush=True)
-            attention.append(row)
+            attention.append(measure((kind, n), lambda kind=kind, n=n: {
+                "module": kind, "n": n, **_child(["--child-attention", kind, "--length", str(n)])}))
     parameters = {}
     for name in MODES:
         with torch.device("meta"):
@@ -241,6 +258,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small architecture and lengths (about a minute)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="directory for the JSON and markdown")
+    ap.add_argument("--linear-lengths", type=int, nargs="+", help="lengths of the linear modes (512 1024 2048)")
+    ap.add_argument("--quadratic-lengths", type=int, nargs="+", help="lengths of the quadratic ones (256 512 1024)")
+    ap.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run's journal")
     ap.add_argument("--child-step", help=argparse.SUPPRESS)
     ap.add_argument("--child-attention", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -254,6 +274,7 @@ def main(argv=None) -> int:
         return 0
     doc = run(args)
     results.write(doc, markdown(doc), args.out, results.stem("approx_modes_cpu", args.quick))
+    (args.out / f"{results.stem('approx_modes_cpu', args.quick)}.partial.jsonl").unlink(missing_ok=True)
     return 0
 
 
