@@ -110,12 +110,8 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
         if net is not None and len(net.net):
             per_layer = sum(p.numel() for p in net.net[0].parameters())
             unshared += (net.n_layer - len(net.net)) * per_layer
-    seen, state_bytes = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            state_bytes += tensor.numel() * tensor.element_size()
+    # A shared module's tensors are the same objects (saved once), so count each object once.
+    state_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return {"parameters": parameters, "parameters_without_sharing": unshared, "state_dict_bytes": state_bytes}
 
 
