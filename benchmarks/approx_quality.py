@@ -19,6 +19,7 @@ Files: ``benchmarks/results/approx_quality_cpu_<date>[_quick].{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -52,8 +53,10 @@ MODES = {
 METRICS = ("step_mean", "step_std", "clashes", "rg_ratio", "helix", "strand", "coil", "novelty", "pairwise_tm")
 
 
-def run_mode(name: str, steps: int, num: int, workdir: Path, **overrides) -> dict:
-    """Train the quick start with mode ``name``'s keys (and ``overrides``), sample, evaluate."""
+def run_mode(name: str, steps: int, num: int, workdir: Path, lengths: list[int] | None = None, **overrides) -> dict:
+    """Train the quick start with mode ``name``'s keys (and ``overrides``), sample ``num``
+    backbones of each of ``lengths`` (default: the quick start's), evaluate."""
+    lengths = lengths or QUICKSTART_SAMPLES["lengths"]
     config = Config.from_text(QUICKSTART, source="<quickstart preset>").replace(
         maximumSteps=steps, checkpointEverySteps=steps, precision="fp32", **MODES[name], **overrides)
     out = workdir / name.replace(" ", "_").replace("=", "").replace("+", "and").replace("(", "").replace(")", "")
@@ -62,7 +65,7 @@ def run_mode(name: str, steps: int, num: int, workdir: Path, **overrides) -> dic
     logs = trainer.fit()
     train_s = time.perf_counter() - t0
     tail = [log.loss for log in logs[-max(1, len(logs) // 8):]]
-    backbones = generate(trainer.model, config, QUICKSTART_SAMPLES["lengths"], num, seed=0, progress=False)
+    backbones = generate(trainer.model, config, lengths, num, seed=0, progress=False)
     samples = write_backbones(backbones, out / "samples", title=name)
     report = evaluate_directory(samples / "pdbs", out=samples / "evaluation", png=False, overwrite=True)
     summary = report.to_dict()["overall"]
@@ -106,22 +109,39 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="training steps per mode (default 400)")
     ap.add_argument("--num", type=int, default=QUICKSTART_SAMPLES["num"], help="samples per length (default 4)")
     ap.add_argument("--modes", nargs="*", choices=list(MODES), help="default: all")
+    ap.add_argument("--lengths", type=int, nargs="+", default=QUICKSTART_SAMPLES["lengths"],
+                    help="sample lengths (default: the quick start's, 50 64)")
+    ap.add_argument("--threads", type=int, help="torch threads (several runs side by side: 1 each)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine these result files (runs of some modes each)")
     ap.add_argument("--quick", action="store_true", help="mark the result as a quick run")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
+    if args.merge:
+        docs = [json.loads(path.read_text()) for path in args.merge]
+        order = list(MODES)
+        doc = {**docs[0], "results": sorted((r for d in docs for r in d["results"]),
+                                            key=lambda r: order.index(r["mode"]))}
+        results.write(doc, markdown(doc), args.out, results.stem("approx_quality_cpu", args.quick))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
+    doc = {"schema": SCHEMA, "environment": environment(torch.device("cpu")),
+           "config": {"steps": args.steps, "samples": args.num * len(args.lengths),
+                      "lengths": args.lengths, "preset": "quickstart", "threads": torch.get_num_threads()},
+           "results": rows}
+    partial = args.out / f"{results.stem('approx_quality_cpu', args.quick)}.partial.json"
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.modes or list(MODES):
             print(f"{name}: training {args.steps} steps ...", flush=True)
-            rows.append(run_mode(name, args.steps, args.num, Path(tmp)))
+            rows.append(run_mode(name, args.steps, args.num, Path(tmp), args.lengths))
             r = rows[-1]
             print(f"    {r['train_s']:.0f} s, final loss {r['final_loss']:.3f}, samples: "
                   f"{ {k: r['samples'].get(k) for k in ('step_mean', 'rg_ratio', 'helix')} }", flush=True)
-    doc = {"schema": SCHEMA, "environment": environment(torch.device("cpu")),
-           "config": {"steps": args.steps, "samples": args.num * len(QUICKSTART_SAMPLES["lengths"]),
-                      "lengths": QUICKSTART_SAMPLES["lengths"], "preset": "quickstart"},
-           "results": rows}
+            args.out.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(doc, indent=1) + "\n")  # each finished mode is kept
     results.write(doc, markdown(doc), args.out, results.stem("approx_quality_cpu", args.quick))
+    partial.unlink(missing_ok=True)
     return 0
 
 
