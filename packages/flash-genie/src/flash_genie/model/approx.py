@@ -26,14 +26,26 @@ pair-transform layers, the structure layers, or both (universal).
 
 from __future__ import annotations
 
-import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flash_genie.config import Config
+from flash_genie.model.chunking import chunked
+from flash_genie.model.factorized import FactorizedIPA
+from flash_genie.model.ipa import InvariantPointAttention
+from flash_genie.model.sparse import (
+    SparsePair,
+    build_graph,
+    sparse_ipa,
+    sparse_pair_features,
+    sparse_pair_layer,
+)
 
 COMPRESSION = ("universal", "pair", "structure")
 SELECTIONS = ("hybrid", "coordinates", "sequence")
@@ -149,15 +161,11 @@ def approximate_pair_stack(model, s: torch.Tensor, x: torch.Tensor, mask: torch.
     single features ``s`` ``[B, N, c_s]``, noisy Cα ``x`` ``[B, N, 3]``, ``mask`` ``[B, N]`` ->
     a ``FactorPair``, ``SparsePair`` or :class:`HybridPair` for the structure net. The first
     ``checkpoint_layers`` layer calls are recomputed in backward."""
-    from torch.utils.checkpoint import checkpoint
-
     approx = model.approx
     factors = sparse = None
     if approx.z_factor_rank:
         factors = model.factor_feature_net(s, x, mask)
     if approx.sparse_knn:
-        from flash_genie.model.sparse import SparsePair, build_graph, sparse_pair_features
-
         graph = build_graph(x.detach(), mask, approx.k_neighbors, approx.knn_selection)
         sparse = SparsePair(sparse_pair_features(model.pair_feature_net, s, x, graph), graph)
     factor_calls = model.factor_transform_net.calls() if model.factor_transform_net is not None else []
@@ -179,8 +187,6 @@ def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
     the whole pair at its edges (low-rank part + sparse part) and the sparse part keeps what
     the low-rank part, updated by the factorized layer, does not hold."""
     if sparse is not None and sparse_layer is not None:
-        from flash_genie.model.sparse import SparsePair, sparse_pair_layer
-
         graph = sparse.graph
         edges = graph.valid.unsqueeze(-1)
         values = sparse.values
@@ -208,12 +214,6 @@ def hybrid_ipa(ipa, s: torch.Tensor, pair: HybridPair, frames, mask: torch.Tenso
     Equal to :class:`~flash_genie.model.ipa.InvariantPointAttention` on the materialised pair;
     memory ``O(N·(H·r + k)·C)`` plus ``O(chunk·N·H)`` logits per block of ``ipa.chunk_size``
     query rows (all rows at once without it)."""
-    import math
-
-    import torch.nn.functional as F
-
-    from flash_genie.model.chunking import chunked
-
     h, c, pq, pv = ipa.no_heads, ipa.c_hidden, ipa.no_qk_points, ipa.no_v_points
     left, right = pair.factors.left, pair.factors.right  # [B, N, r, C]
     values, graph = pair.sparse.values, pair.sparse.graph  # [B, N, k, C]
@@ -260,24 +260,17 @@ def hybrid_ipa(ipa, s: torch.Tensor, pair: HybridPair, frames, mask: torch.Tenso
     return ipa.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
 
 
-@functools.cache
-def pair_ipa_class():
-    """An IPA class whose ``forward`` takes any pair representation (same parameters as
+class PairIPA(FactorizedIPA):
+    """IPA whose ``forward`` takes any pair representation (same parameters as
     :class:`~flash_genie.model.ipa.InvariantPointAttention`)."""
-    from flash_genie.model.factorized import FactorizedIPA
-    from flash_genie.model.ipa import InvariantPointAttention
-    from flash_genie.model.sparse import SparsePair, sparse_ipa
 
-    class PairIPA(FactorizedIPA):
-        def forward(self, s, z, frames, mask, keys=None):
-            if isinstance(z, torch.Tensor):
-                return InvariantPointAttention.forward(self, s, z, frames, mask, keys)
-            if keys is not None:
-                raise ValueError("keys (sequence parallelism) need the dense pair tensor")
-            if isinstance(z, HybridPair):
-                return hybrid_ipa(self, s, z, frames, mask)
-            if isinstance(z, SparsePair):
-                return sparse_ipa(self, s, z, frames, mask)
-            return FactorizedIPA.forward(self, s, z, frames, mask)
-
-    return PairIPA
+    def forward(self, s, z, frames, mask, keys=None):
+        if isinstance(z, torch.Tensor):
+            return InvariantPointAttention.forward(self, s, z, frames, mask, keys)
+        if keys is not None:
+            raise ValueError("keys (sequence parallelism) need the dense pair tensor")
+        if isinstance(z, HybridPair):
+            return hybrid_ipa(self, s, z, frames, mask)
+        if isinstance(z, SparsePair):
+            return sparse_ipa(self, s, z, frames, mask)
+        return FactorizedIPA.forward(self, s, z, frames, mask)

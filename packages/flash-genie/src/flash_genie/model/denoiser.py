@@ -10,12 +10,8 @@ import torch
 from torch import nn
 
 from flash_genie.config import Config, ConfigError
-from flash_genie.model.approx import (
-    Approximations,
-    FactorStack,
-    approximate_pair_stack,
-    pair_ipa_class,
-)
+from flash_genie.model.approx import Approximations, FactorStack, PairIPA, approximate_pair_stack
+from flash_genie.model.factorized import FactorizedPairFeatureNet, FactorizedPairTransformLayer
 from flash_genie.model.features import PairFeatureNet, SingleFeatureNet
 from flash_genie.model.frames import frenet_frames
 from flash_genie.model.ipa import InvariantPointAttention
@@ -112,7 +108,7 @@ class Denoiser(nn.Module):
             n_structure_layer,
             n_structure_block,
             shared=approx.share_structure,
-            ipa_class=InvariantPointAttention if mode == "dense" else pair_ipa_class(),
+            ipa_class=InvariantPointAttention if mode == "dense" else PairIPA,
             c_hidden_ipa=c_hidden_ipa,
             n_head_ipa=n_head_ipa,
             n_qk_point=n_qk_point,
@@ -123,11 +119,6 @@ class Denoiser(nn.Module):
         )
         self.factor_feature_net = self.factor_transform_net = None
         if approx.z_factor_rank:
-            from flash_genie.model.factorized import (
-                FactorizedPairFeatureNet,
-                FactorizedPairTransformLayer,
-            )
-
             rank = approx.z_factor_rank
             self.factor_feature_net = FactorizedPairFeatureNet(c_s, c_p, rank)
             if n_pair_transform_layer > 0:
