@@ -21,7 +21,8 @@ Options: ``--wheels DIR`` (``dist-gpu``: ``normal/`` and ``debug/`` hold the
 cp312 wheels from ``benchmarks/build_gpu_wheels.sh``), ``--only A,B`` /
 ``--from NAME`` (a second visit resumes), ``--timeout NAME=SECONDS``,
 ``--total-s`` (the budget the plan must fit; the benchmark stage gets whatever
-of it the earlier stages left), ``--python``. See benchmarks/README.md.
+of it the earlier stages left), ``--python``, ``--no-debug-build`` (only the
+normal wheel carried: no debug reruns). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def _sanitizer(python: str, tool: str, selection: str) -> str:
     )
 
 
-def stages(python: str = "python3", wheels: str = "dist-gpu") -> list[Stage]:
-    """The visit's stages, in order (the issue's (1) to (8))."""
+def stages(python: str = "python3", wheels: str = "dist-gpu", debug_build: bool = True) -> list[Stage]:
+    """The visit's stages, in order (the issue's (1) to (8)). ``debug_build=False``:
+    only the normal wheel is carried, and failed kernel stages are not rerun."""
     facts = (
         "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || exit 1\n"
         "nvcc --version | tail -n 2 || true\n"
@@ -119,12 +121,19 @@ def stages(python: str = "python3", wheels: str = "dist-gpu") -> list[Stage]:
     )
     install = (
         "set -e\n"
-        "for build in normal debug; do\n"
+        f"for build in {'normal debug' if debug_build else 'normal'}; do\n"
         f"  whl=$(ls {wheels}/$build/genie_tk-*.whl 2>/dev/null | head -n 1)\n"
         f'  if [ -z "$whl" ]; then echo "no wheel in {wheels}/$build: build it with '
         'benchmarks/build_gpu_wheels.sh and carry the folder"; exit 1; fi\n'
+        f'  want=$(cat "$(dirname "$whl")/kernels.sha256" 2>/dev/null || echo none); '
+        "have=$(bash benchmarks/kernel_sources_hash.sh)\n"
+        '  if [ "$want" != "$have" ]; then echo "$whl was built from other kernel sources '
+        '($want, this tree: $have): rebuild with benchmarks/build_gpu_wheels.sh"; exit 1; fi\n'
         f"  rm -rf {INSTALL_ROOT}/$build\n"
         f'  {python} -m pip install -q --no-index --no-deps --no-compile --target {INSTALL_ROOT}/$build "$whl"\n'
+        "  # The Python side from this tree (a newer backend, e.g. triton, counts), the\n"
+        "  # compiled _C from the wheel, whose kernel sources are this tree's (checked above).\n"
+        f"  cp -r packages/genie-tk/src/genie_tk/. {INSTALL_ROOT}/$build/genie_tk/\n"
         f'  PYTHONPATH={INSTALL_ROOT}/$build {python} - "$build" <<\'EOF\'\n'
         "import json, sys\n"
         "import genie_tk\n"
@@ -141,17 +150,18 @@ def stages(python: str = "python3", wheels: str = "dist-gpu") -> list[Stage]:
         "\"import genie_tk, json; print(json.dumps(genie_tk.backends(), default=str))\"\n"
     )
     small = "N17 and bf16 and (d32 or ABt or c64)"
+    rerun = debug_build
     return [
         Stage("facts", "(1) device, driver, toolkit, torch", 20, facts, build=None),
         Stage("install", "carried cp312 wheels (normal, debug) and peer wheels, no build", 40, install, build=None),
         Stage("tile-copy", "(2) TMA round trip tile_copy_sm90", 35,
-              _pytest(python, f"{TESTS}/test_build.py", "-m", "cuda", "-k", "tile_copy"), debug_rerun=True),
+              _pytest(python, f"{TESTS}/test_build.py", "-m", "cuda", "-k", "tile_copy"), debug_rerun=rerun),
         Stage("attention-fwd", "(3) attention forward vs emulation, N=17/130, odd I", 45,
-              _pytest(python, KERNEL_TESTS, "-k", "attention_forward"), debug_rerun=True),
+              _pytest(python, KERNEL_TESTS, "-k", "attention_forward"), debug_rerun=rerun),
         Stage("attention-bwd", "(4) delta, dq/dk/dv, dbias vs emulation", 50,
-              _pytest(python, KERNEL_TESTS, "-k", "attention_backward"), debug_rerun=True),
+              _pytest(python, KERNEL_TESTS, "-k", "attention_backward"), debug_rerun=rerun),
         Stage("trimul", "(5) tri-mul contract/input/output vs emulation, N=17/100", 50,
-              _pytest(python, KERNEL_TESTS, "-k", "trimul"), debug_rerun=True),
+              _pytest(python, KERNEL_TESTS, "-k", "trimul"), debug_rerun=rerun),
         Stage("racecheck", "(6) compute-sanitizer racecheck, N=17", 60, _sanitizer(python, "racecheck", small)),
         Stage("synccheck", "(6) compute-sanitizer synccheck, N=17", 45, _sanitizer(python, "synccheck", small)),
         Stage("pytest-cuda", "(7) pytest -m cuda, per-kernel tests first", 120,
@@ -345,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="print the stages, timeouts and total, run nothing")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/genie-gpu-visit"))
     parser.add_argument("--wheels", default="dist-gpu", help="folder with normal/ and debug/ cp312 wheels")
+    parser.add_argument("--no-debug-build", action="store_true",
+                        help="only the normal wheel was carried: no debug reruns")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--total-s", type=float, default=TOTAL_S)
     parser.add_argument("--only", default="", help="comma-separated stage names to run")
@@ -352,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS")
     args = parser.parse_args(argv)
 
-    plan = stages(args.python, args.wheels)
+    plan = stages(args.python, args.wheels, debug_build=not args.no_debug_build)
     _parse_timeouts(args.timeout, plan)
     names = [s.name for s in plan]
     selected: set[str] | None = None

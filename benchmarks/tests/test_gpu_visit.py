@@ -100,3 +100,21 @@ def test_only_selected_stages_run(tmp_path):
     plan = [Stage(name, name, 10, "echo '1 passed'", build=None) for name in ("a", "b", "c")]
     results = run_visit(plan, tmp_path, total_s=30, selected={"b"})
     assert [r.status for r in results] == ["not-selected", "pass", "not-selected"]
+
+
+def test_kernel_sources_hash_names_the_sources_a_wheel_was_built_from():
+    """The install stage compares this hash with the one stored beside each wheel."""
+    run = [str(ROOT / "benchmarks/kernel_sources_hash.sh")]
+    first = subprocess.run(["bash", *run], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert subprocess.run(["bash", *run], capture_output=True, text=True, check=True).stdout.strip() == first
+    install = next(s for s in gpu_visit.stages() if s.name == "install").command
+    assert "kernels.sha256" in install and "kernel_sources_hash.sh" in install
+
+
+def test_without_the_debug_build_nothing_is_rerun():
+    plan = gpu_visit.stages(debug_build=False)
+    assert not any(s.debug_rerun for s in plan)
+    install = next(s for s in plan if s.name == "install").command
+    assert "for build in normal; do" in install
+    assert "for build in normal debug; do" in next(s for s in gpu_visit.stages() if s.name == "install").command
