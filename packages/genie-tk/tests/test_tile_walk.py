@@ -1,4 +1,4 @@
-"""A CPU tile-walk model of the triangle attention forward kernel, run in CI.
+"""CPU tile-walk models of the attention forward and tri-mul contraction kernels, run in CI.
 
 The kernel (csrc/triangle_attention/triangle_attention_fwd_sm90.cuh) has never
 run on a GPU; this walks its schedule on the CPU, step by step, with the same
@@ -22,6 +22,14 @@ structure, so that index and phase regressions show without one:
 
 The launch constants (tile size, rows per CTA, query blocks, stages) are read
 from the kernel's source, so a change of configuration there is walked here.
+
+The second model walks ``trimul_contract`` (csrc/triangle_multiplication/
+trimul_contract_sm90.cu): its persistent grid (each block strides over the
+output tiles), the ring of stages whose slot and parity count stage uses
+across all tasks of a block (and whose producer's first wait is on the
+"previous" parity of a fresh barrier), transposed operands read in place, and
+the 64 x 256 output tiles stored with rows >= N dropped; it must equal
+``tk_trimul.Emulation.trimul_contract`` in float64 in all three modes.
 What the model cannot see: register layouts, swizzling, wgmma semantics and
 real asynchrony; those are for the GPU visit (benchmarks/gpu_visit.py).
 """
@@ -40,6 +48,7 @@ import torch
 from genie_tk import tk_attention
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "triangle_attention"
+TRIMUL_CSRC = CSRC.parent / "triangle_multiplication"
 LOG2E = 1.4426950408889634
 
 
@@ -49,9 +58,10 @@ def _constants(struct: str, path: Path, d: int) -> dict[str, int]:
     text = path.read_text()
     body = text[text.index(f"struct {struct}"):]
     body = body[: body.index("};")]
-    values: dict[str, int] = {"D": d, "WARPGROUP_THREADS": 128}
+    values: dict[str, int] = {"D": d, "WARPGROUP_THREADS": 128, "WARPGROUP_WARPS": 4}
     for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
         py = re.sub(r"(.+?)\s*\?\s*(.+?)\s*:\s*(.+)", r"(\2 if \1 else \3)", expr.strip())
+        py = re.sub(r"//.*", "", py).replace("/", "//")
         values[name] = int(eval(py, {}, dict(values)))  # the project's own source
     return values
 
@@ -382,3 +392,138 @@ def test_the_walk_catches_an_index_bug():
     o, _ = walk_forward(q, k, v, bias_p, kb, scale, faults=Faults(key_tile_offset=1))
     o_e, _ = tk_attention.emulate_forward(q, k, v, bias, mask, scale, 1e9)
     assert (o - o_e).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------- tri-mul contraction walk
+
+
+def contract_config() -> dict[str, int]:
+    return _constants("config", TRIMUL_CSRC / "trimul_contract_sm90.cu", d=0)
+
+
+def walk_contract(a, b, scale, mode, sms, seed=0, faults: Faults | None = None):
+    """``trimul_contract``'s schedule on float64 ``[B, C, N, Np]`` operands."""
+    faults = faults or Faults()
+    c = contract_config()
+    wgs, bm, bn, bk, slices, stages = (c[k] for k in ("consumer_warpgroups", "block_m", "block_n", "block_k",
+                                                      "b_slices", "stages"))
+    trans_a, trans_b = mode == "AtB", mode == "ABt"
+    batch, channels, n, n_pad = a.shape
+    elem = 2
+    tile_bytes = bk * bk * elem
+    stage_bytes = (wgs + slices) * tile_bytes + faults.stage_bytes_delta
+    tiles_m, tiles_n, k_iters = math.ceil(n / bm), math.ceil(n_pad / bn), n_pad // bk
+    tasks = batch * channels * tiles_m * tiles_n
+    grid = min(tasks, sms)
+    out = torch.full_like(a, float("nan"))
+
+    def decode(task):
+        per_channel = tiles_m * tiles_n
+        bc, rem = divmod(task, per_channel)
+        return bc // channels, bc % channels, rem % tiles_m, rem // tiles_m
+
+    def run_block(block: int) -> None:
+        full = [MBarrier(f"contract.full[{s}]", 1) for s in range(stages)]
+        empty = [MBarrier(f"contract.empty[{s}]", wgs * 4) for s in range(stages)]
+        buffers = [Buffer() for _ in range(stages)]
+
+        def producer():
+            it = 0
+            for task in range(block, tasks, grid):
+                bb, ch, tm, tn = decode(task)
+                for k in range(k_iters):
+                    s = it % stages
+                    yield Wait(empty[s], ((it // stages) & 1) ^ 1, "producer", it)
+                    full[s].expect_bytes(stage_bytes)
+                    buf = buffers[s]
+                    buf.step = it
+                    for w in range(wgs):
+                        m = tm * wgs + w
+                        box, moved = tma_load(a, (1, 1, bk, bk), (bb, ch, k, m) if trans_a else (bb, ch, m, k), elem)
+                        buf.tiles["a", w] = box[0, 0]
+                        full[s].complete_tx(moved)
+                    for q in range(slices):
+                        col = tn * slices + q
+                        box, moved = tma_load(b, (1, 1, bk, bk), (bb, ch, col, k) if trans_b else (bb, ch, k, col),
+                                              elem)
+                        buf.tiles["b", q] = box[0, 0]
+                        full[s].complete_tx(moved)
+                    it += 1
+
+        def consumer(wg):
+            it = 0
+            for task in range(block, tasks, grid):
+                bb, ch, tm, tn = decode(task)
+                acc = torch.zeros(bk, bn, dtype=torch.float64)
+                for _ in range(k_iters):
+                    s = it % stages
+                    yield Wait(full[s], ((it // stages) & 1) ^ int(faults.ready_parity_flip), f"consumer {wg}", it)
+                    buf = buffers[s]
+                    if buf.step != it:
+                        raise Fault(f"consumer {wg} at stage use {it} reads slot {s} holding use {buf.step}")
+                    a_t = buf.tiles["a", wg].T if trans_a else buf.tiles["a", wg]  # rows i, depth k
+                    # B as depth x columns: the slices side by side (or stacked, read transposed).
+                    if trans_b:
+                        b_t = torch.cat([buf.tiles["b", q] for q in range(slices)], 0).T
+                    else:
+                        b_t = torch.cat([buf.tiles["b", q] for q in range(slices)], 1)
+                    acc = acc + a_t @ b_t
+                    if not (faults.skip_release and wg == 0):
+                        for _ in range(4):  # lane 0 of each warp arrives
+                            empty[s].arrive()
+                    it += 1
+                tma_store(out, (acc * scale)[None, None], (bb, ch, tm * wgs + wg, tn))
+
+        coroutines = {"producer": producer(), **{f"consumer {w}": consumer(w) for w in range(wgs)}}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+        for bar in (*full, *empty):
+            if bar.tx != 0 or bar.pending != bar.arrivals:
+                raise Fault(f"block {block}: {bar.name} left mid-phase")
+
+    for block in range(grid):
+        run_block(block)
+    return out
+
+
+def _channel_first(batch, channels, n, seed):
+    from genie_tk import tk_trimul
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(batch, channels, n, tk_trimul.padded(n), dtype=torch.float64)
+    t[..., :n] = torch.randn(batch, channels, n, n, generator=g, dtype=torch.float64)
+    return t
+
+
+CONTRACT_N = [1, 17, 63, 64, 65, 130, 255, 300]
+
+
+@pytest.mark.parametrize("mode", ["ABt", "AtB", "AB"])
+@pytest.mark.parametrize("n", CONTRACT_N, ids=lambda n: f"N{n}")
+def test_contract_walk_equals_the_emulation(n, mode):
+    from genie_tk import tk_trimul
+
+    a, b = _channel_first(1, 3, n, seed=n), _channel_first(1, 3, n, seed=n + 1)
+    # Three blocks: each walks several output tiles through one ring.
+    got = walk_contract(a, b, 0.37, mode, sms=3, seed=n)
+    want = torch.empty_like(a)
+    tk_trimul.Emulation.trimul_contract(want, a, b, torch.tensor([0.37], dtype=torch.float64), mode)
+    assert torch.isfinite(got).all(), "an output element the schedule never writes"
+    assert torch.all(got[..., n:] == 0), "padding columns must come out zero"
+    err = (got - want).abs().max().item()
+    print(f"N={n} {mode}: max |out - emulation| {err:.2e}")
+    assert err < 1e-9
+
+
+@pytest.mark.parametrize(("fault", "error", "message"), [
+    (Faults(stage_bytes_delta=-64), Fault, r"delivered beyond expect_bytes"),
+    (Faults(stage_bytes_delta=+64), Hang, r"consumer \d waits on contract.full\[0\] parity 0 at step 0"),
+    (Faults(ready_parity_flip=True), (Fault, Hang), r"reads slot 0 holding use -1|full\[0\] parity 1 at step 0"),
+    (Faults(skip_release=True), Hang, r"producer waits on contract.empty\[0\] parity 0 at step 3"),
+], ids=["expect-too-few-bytes", "expect-too-many-bytes", "wrong-parity", "missing-release"])
+def test_the_contract_walk_catches_phase_and_byte_bugs(fault, error, message):
+    a, b = _channel_first(1, 2, 130, seed=5), _channel_first(1, 2, 130, seed=6)
+    with pytest.raises(error, match=message):
+        walk_contract(a, b, 1.0, "AB", sms=2, faults=fault)
