@@ -201,3 +201,35 @@ def test_low_precision_error_within_twice_pytorch(cls, dtype):
     print(cls.__name__, dtype, errs)
     for i in range(2):
         assert errs["torch"][i] <= 2 * errs["reference"][i] + 1e-6
+
+
+@pytest.mark.parametrize("inf", [float("inf"), float("-inf"), float("nan"), 0.0, -1e9, 1e39, 3e38],
+                         ids=lambda v: repr(v))
+def test_attention_rejects_a_non_finite_or_overflowing_inf(inf):
+    """An ``inf`` that is not finite, not positive, or overflows float32 once scaled by
+    log2(e) would make fully masked rows NaN (or invert the mask): it raises, naming it."""
+    q = torch.randn(1, 3, 2, 5, 4)
+    bias = torch.randn(1, 2, 5, 5)
+    mask = pair_mask(1, 5, 1, 0.0, 0)[:, :3]
+    with pytest.raises(ValueError, match=r"^inf must be a positive finite number at most 2\.36e\+38"):
+        genie_tk.triangle_attention(q, q, q, bias, mask, inf=inf)
+    module = build(genie_tk.TriangleAttentionStartingNode, 8, 4, 2, seed=0)
+    module.inf = inf
+    with pytest.raises(ValueError, match=r"^inf must be"):
+        module(torch.randn(1, 5, 5, 8, dtype=torch.float64), mask=pair_mask(1, 5, 1, 0.0, 0))
+    with pytest.raises(TypeError, match=r"^inf must be a real number"):
+        genie_tk.triangle_attention(q, q, q, bias, mask, inf="1e9")
+
+
+def test_attention_accepts_the_largest_inf():
+    """``MAX_INF`` still gives OpenFold's uniform softmax on a fully masked row."""
+    from genie_tk.ops import MAX_INF
+
+    q = torch.randn(1, 3, 2, 5, 4)
+    v = torch.randn(1, 3, 2, 5, 4)
+    bias = torch.randn(1, 2, 5, 5)
+    mask = torch.ones(1, 3, 5)
+    mask[0, 1] = 0  # row i = 1 fully masked
+    out = genie_tk.triangle_attention(q, q, v, bias, mask, inf=MAX_INF, backend="torch")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 1], v[0, 1].mean(-2, keepdim=True).expand_as(out[0, 1]))

@@ -4,7 +4,8 @@ What a GPU session runs before setting ``verified=True`` in tk_attention.py:
 
 * outputs and all four gradients against a float64 oracle, on fresh random
   inputs with padded (fully masked) rows and columns and random holes, for
-  N in {1, 17, 128, 255, 256, 1000, 1024, 2048}, H in {4, 8}, head dims 16/32/64,
+  N in {1, 17, 128, 130, 255, 256, 300, 1000, 1024, 2048} (130 and 300: odd
+  tile counts above one), H in {4, 8}, head dims 16/32/64,
   batch 1 and 3, bfloat16 and float16: the kernel's error must be at most twice
   that of the PyTorch (torch backend) implementation in the same precision;
 * the layer op (starting and ending node) the same way, parameter gradients too;
@@ -102,8 +103,12 @@ CASES = [
     (1, 17, 4, 32, torch.bfloat16),
     (3, 17, 8, 16, torch.bfloat16),
     (1, 128, 4, 64, torch.bfloat16),
+    (1, 130, 4, 32, torch.bfloat16),
+    (3, 130, 4, 16, torch.float16),
     (3, 255, 8, 32, torch.bfloat16),
     (1, 256, 4, 16, torch.bfloat16),
+    (1, 300, 4, 32, torch.bfloat16),
+    (2, 300, 8, 64, torch.float16),
     (1, 1000, 4, 32, torch.bfloat16),
     (1, 1024, 8, 32, torch.bfloat16),
     (1, 2048, 4, 32, torch.bfloat16),

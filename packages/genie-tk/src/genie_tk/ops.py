@@ -11,12 +11,18 @@ Three entry points, each with a ``backend=`` argument (``None`` reads
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from genie_tk import reference, torch_backend
 from genie_tk._backend import KERNEL_BACKENDS, kernel, select
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The largest mask magnitude whose base-2 bias log2(e) * inf (what the tk kernels
+# add, in float32) is still a finite float32.
+MAX_INF = torch.finfo(torch.float32).max / math.log2(math.e) * (1 - 1e-6)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -30,6 +36,20 @@ def _check_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the input is on {device}; move both to one device")
+
+
+def check_inf(inf: float) -> float:
+    """``inf`` (the mask bias magnitude) as a float: a positive finite number that
+    stays finite in float32 after the kernels' scaling by log2(e)."""
+    if isinstance(inf, bool) or not isinstance(inf, numbers.Real):
+        raise TypeError(f"inf must be a real number (OpenFold: 1e9), got {type(inf).__name__}")
+    value = float(inf)
+    if not math.isfinite(value) or not 0 < value <= MAX_INF:
+        raise ValueError(
+            f"inf must be a positive finite number at most {MAX_INF:.3g} (the mask bias inf * (mask - 1) is "
+            f"added in float32, and -inf would turn fully masked rows into NaN), got {inf!r}"
+        )
+    return value
 
 
 def check_pair(name: str, z: torch.Tensor, channels: int | None = None) -> None:
@@ -77,7 +97,9 @@ def triangle_attention(
             OpenFold's finite bias ``inf * (mask - 1)``, so a fully masked row is
             finite. Not differentiable.
         scale: factor on ``q``; ``None`` divides by ``sqrt(D)``.
-        inf: magnitude of the mask bias (OpenFold: 1e9).
+        inf: magnitude of the mask bias (OpenFold: 1e9): a positive finite number
+            at most ``MAX_INF`` (about 2.4e38, so that ``log2(e) * inf`` is a finite
+            float32); anything else raises.
         chunk_size: rows ``i`` per chunk for the torch backend (``None``: automatic).
         backend: ``"auto"``, ``"tk"``, ``"triton"``, ``"torch"``, ``"reference"`` or ``None``.
 
@@ -97,6 +119,7 @@ def triangle_attention(
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _check_device(q.device, k=k, v=v, bias=bias)
     check_mask(mask, torch.Size((b, n_i, n_j)), q.device)
+    inf = check_inf(inf)
     bias = bias.to(q.dtype)
     name = select("triangle_attention", backend, q, k, v, bias, mask, head_dim=d)
     if name == "reference":
@@ -148,6 +171,7 @@ def triangle_attention_layer(
     if hd % n_h:
         raise ValueError(f"q_weight has {hd} rows, not a multiple of the {n_h} heads of bias_weight")
     check_mask(mask, z.shape[:-1], z.device)
+    inf = check_inf(inf)
     weights = (layer_norm_weight, layer_norm_bias, bias_weight, q_weight, k_weight, v_weight,
                gate_weight, gate_bias, out_weight, out_bias)
     _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})

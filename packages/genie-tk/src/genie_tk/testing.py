@@ -14,6 +14,33 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / (den if den > 0 else 1.0)
 
 
+def row_error(got: torch.Tensor, want: torch.Tensor, row_dims: int = 1, floor: float = 1e-3):
+    """Worst per-row relative error of ``got`` against ``want`` and where it is.
+
+    A row is one index of all axes but the last ``row_dims`` (e.g. ``(b, i, h, j)``
+    of a ``[B, I, H, N, D]`` output). Per row: ``max |got - want| / max(max |want|,
+    floor * max |want over the tensor|)``; the floor keeps rows that are zero up
+    to rounding from dividing by nothing. Returns ``(error, index)``: the largest
+    row error and that row's index tuple, so a failure names the row (a
+    Frobenius norm over a whole tensor can hide one wrong row). A row with a
+    non-finite value in ``got`` scores ``inf``.
+    """
+    if got.shape != want.shape:
+        raise ValueError(f"got has shape {tuple(got.shape)}, want {tuple(want.shape)}")
+    if got.numel() == 0:
+        return 0.0, ()
+    lead = got.shape[: got.dim() - row_dims]
+    g = got.detach().double().reshape(*lead, -1) if row_dims else got.detach().double().unsqueeze(-1)
+    w = want.detach().double().reshape(g.shape)
+    scale = w.abs().amax(-1)
+    den = scale.clamp_min(floor * scale.max().item()).clamp_min(torch.finfo(torch.float64).tiny)
+    err = (g - w).abs().amax(-1) / den
+    err = torch.where(torch.isfinite(g).all(-1), err, torch.full_like(err, float("inf")))
+    worst = int(err.argmax().item())
+    index = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), tuple(lead))) if lead else ()
+    return float(err.flatten()[worst].item()), index
+
+
 def perturbed(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
     """Add noise to every parameter so zero-initialised gates and outputs are not trivial."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,529 @@
+"""CPU tile-walk models of the attention forward and tri-mul contraction kernels, run in CI.
+
+The kernel (csrc/triangle_attention/triangle_attention_fwd_sm90.cuh) has never
+run on a GPU; this walks its schedule on the CPU, step by step, with the same
+structure, so that index and phase regressions show without one:
+
+* the same CTA decomposition: blockIdx -> (b, row group, h, query superblock),
+  ``rows_per_cta x query_blocks`` consumer warpgroups, one producer;
+* TMA boxes on the same 4-D global layouts, zero-filled per dimension where a
+  box reaches past a dimension (rows i >= I on the depth axis I*H, queries and
+  keys >= N), and TMA stores that drop what falls outside;
+* mbarriers with arrival counts, expect-tx bytes and phase parity, the
+  ``pipeline`` ring of ``stages`` buffers: every ``expect_bytes`` must equal the
+  bytes its loads deliver (a shortfall is a hang, an excess an underflow), every
+  buffer a consumer reads must hold the step it expects (a stale or overwritten
+  buffer is a phase bug); the producer and consumers are coroutines run in a
+  seeded random interleaving, and a state where none can move is reported as a
+  hang naming the barrier, parity and step;
+* the online softmax tile by tile in base 2 (row max, rescale, row sum, keys
+  >= N excluded), in float64, so the result must equal the kernel's PyTorch
+  emulation (``tk_attention.emulate_forward``) on float64 inputs to rounding.
+
+The launch constants (tile size, rows per CTA, query blocks, stages) are read
+from the kernel's source, so a change of configuration there is walked here.
+
+The second model walks ``trimul_contract`` (csrc/triangle_multiplication/
+trimul_contract_sm90.cu): its persistent grid (each block strides over the
+output tiles), the ring of stages whose slot and parity count stage uses
+across all tasks of a block (and whose producer's first wait is on the
+"previous" parity of a fresh barrier), transposed operands read in place, and
+the 64 x 256 output tiles stored with rows >= N dropped; it must equal
+``tk_trimul.Emulation.trimul_contract`` in float64 in all three modes.
+What the model cannot see: register layouts, swizzling, wgmma semantics and
+real asynchrony; those are for the GPU visit (benchmarks/gpu_visit.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from genie_tk import tk_attention
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc" / "triangle_attention"
+TRIMUL_CSRC = CSRC.parent / "triangle_multiplication"
+LOG2E = 1.4426950408889634
+
+
+def _constants(struct: str, path: Path, d: int) -> dict[str, int]:
+    """``static constexpr int`` members of ``struct`` in ``path`` at head dim ``d``
+    (the forms used there: integers, names, ``a ? b : c``, + - * /, comparisons)."""
+    text = path.read_text()
+    body = text[text.index(f"struct {struct}"):]
+    body = body[: body.index("};")]
+    values: dict[str, int] = {"D": d, "WARPGROUP_THREADS": 128, "WARPGROUP_WARPS": 4}
+    for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
+        py = re.sub(r"(.+?)\s*\?\s*(.+?)\s*:\s*(.+)", r"(\2 if \1 else \3)", expr.strip())
+        py = re.sub(r"//.*", "", py).replace("/", "//")
+        values[name] = int(eval(py, {}, dict(values)))  # the project's own source
+    return values
+
+
+def fwd_config(d: int) -> dict[str, int]:
+    c = _constants("fwd_config", CSRC / "triangle_attention_fwd_sm90.cuh", d)
+    block = re.search(r"kTriangleAttentionBlock = (\d+);", (CSRC / "triangle_attention.h").read_text())
+    c["block"] = int(block.group(1))
+    return c
+
+
+# ---------------------------------------------------------------- the machine
+
+
+class Hang(RuntimeError):
+    """No coroutine can proceed: the kernel would hang here."""
+
+
+class Fault(AssertionError):
+    """A state the kernel must never reach (tx underflow, stale buffer, ...)."""
+
+
+@dataclass
+class MBarrier:
+    name: str
+    arrivals: int  # expected arrivals per phase
+    pending: int = 0
+    tx: int = 0
+    completed: int = 0  # phases completed; the current phase's parity is completed % 2
+
+    def __post_init__(self):
+        self.pending = self.arrivals
+
+    def _maybe_complete(self):
+        if self.pending == 0 and self.tx == 0:
+            self.completed += 1
+            self.pending = self.arrivals
+
+    def arrive(self):
+        if self.pending == 0:
+            raise Fault(f"{self.name}: more arrivals than its count")
+        self.pending -= 1
+        self._maybe_complete()
+
+    def expect_bytes(self, n: int):  # mbarrier.arrive.expect_tx: one arrival and n bytes to come
+        self.tx += n
+        self.arrive()
+
+    def complete_tx(self, n: int):
+        self.tx -= n
+        if self.tx < 0:
+            raise Fault(f"{self.name}: {-self.tx} bytes delivered beyond expect_bytes (tx underflow)")
+        self._maybe_complete()
+
+    def ready(self, parity: int) -> bool:  # try_wait.parity: the phase of that parity has completed
+        return self.completed % 2 != parity
+
+
+@dataclass
+class Wait:
+    barrier: MBarrier
+    parity: int
+    who: str
+    step: int
+
+
+def run_coroutines(coroutines: dict[str, object], seed: int) -> None:
+    """Runs generator coroutines that yield ``Wait``s in a random interleaving."""
+    rng = random.Random(seed)
+    waiting: dict[str, Wait | None] = {name: None for name in coroutines}
+    while waiting:
+        runnable = [n for n, w in waiting.items() if w is None or w.barrier.ready(w.parity)]
+        if not runnable:
+            stuck = "; ".join(f"{w.who} waits on {w.barrier.name} parity {w.parity} at step {w.step}"
+                              for w in waiting.values())
+            raise Hang(stuck)
+        name = rng.choice(runnable)
+        try:
+            waiting[name] = next(coroutines[name])
+        except StopIteration:
+            del waiting[name]
+
+
+def tma_load(tensor: torch.Tensor, box: tuple[int, ...], coord: tuple[int, ...],
+             element_bytes: int) -> tuple[torch.Tensor, int]:
+    """A TMA box of ``box`` elements at tile coordinate ``coord`` of a 4-D tensor:
+    elements past any dimension read as zero. Returns the box and the bytes the
+    copy engine delivers: always the whole box, at ``element_bytes`` per element
+    (the kernel's type; the model computes in float64)."""
+    out = torch.zeros(box, dtype=tensor.dtype)
+    delivered = out.numel() * element_bytes
+    src, dst = [], []
+    for size, b, c in zip(tensor.shape, box, coord, strict=True):
+        start = c * b
+        lo, hi = max(start, 0), min(start + b, size)
+        if hi <= lo:
+            return out, delivered
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = tensor[tuple(src)]
+    return out, delivered
+
+
+def tma_store(tensor: torch.Tensor, box: torch.Tensor, coord: tuple[int, ...]) -> None:
+    """A TMA store: the parts of ``box`` outside ``tensor`` are dropped."""
+    src, dst = [], []
+    for size, b, c in zip(tensor.shape, box.shape, coord, strict=True):
+        start = c * b
+        lo, hi = max(start, 0), min(start + b, size)
+        if hi <= lo:
+            return
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - start, hi - start))
+    tensor[tuple(dst)] = box[tuple(src)]
+
+
+@dataclass
+class Buffer:
+    """A shared-memory buffer: its tiles and the step whose loads filled it."""
+
+    tiles: dict = field(default_factory=dict)
+    step: int = -1
+
+
+# ---------------------------------------------------------------- the forward walk
+
+
+@dataclass
+class Faults:
+    """Deliberate bugs, to show the model catches each kind."""
+
+    stage_bytes_delta: int = 0  # expect_bytes off by this much
+    ready_parity_flip: bool = False  # consumers wait on the wrong parity
+    skip_release: bool = False  # a consumer never frees its buffer
+    key_tile_offset: int = 0  # producer loads K/V of key tile kt + offset
+
+
+def walk_forward(q, k, v, bias, key_bias, scale, seed=0, faults: Faults | None = None, d_config=None):
+    """The forward kernel's schedule on float64 tensors (layouts of
+    triangle_attention.h, bias padded to Np): returns (o, stats) as the kernel
+    writes them, NaN wherever it writes nothing."""
+    faults = faults or Faults()
+    b_, rows, heads, n, d = q.shape
+    c = fwd_config(d) if d_config is None else d_config
+    blk, rpc, qb, stages = c["block"], c["rows_per_cta"], c["query_blocks"], c["stages"]
+    consumers = rpc * qb
+    n_pad = bias.shape[-1]
+    elem = 2  # the kernel's bf16/fp16 operands: the bytes TMA moves
+    rows_tile, score_tile, key_vec = blk * d * elem, blk * blk * elem, blk * 4
+
+    # The kernel's global layouts: (B, I*H, N, D), (B, H, N, Np), (1, B, I, Np).
+    def rows_gl(t):
+        return t.reshape(b_, rows * heads, n, d)
+
+    qg, kg, vg = rows_gl(q), rows_gl(k), rows_gl(v)
+    kbg = key_bias.reshape(1, b_, rows, n_pad)
+    o = torch.full((b_, rows * heads, n, d), float("nan"), dtype=torch.float64)
+    stats = torch.full((b_, rows, heads, n, 2), float("nan"), dtype=torch.float64)
+
+    row_groups = math.ceil(rows / rpc)
+    query_supers = math.ceil(math.ceil(n / blk) / qb)
+    key_tiles = math.ceil(n / blk)
+    grid = b_ * row_groups * heads * query_supers
+    def run_block(block: int) -> None:
+        tile = block
+        query_super = tile % query_supers
+        tile //= query_supers
+        h = tile % heads
+        tile //= heads
+        row_group = tile % row_groups
+        b = tile // row_groups
+        i0, jb0 = row_group * rpc, query_super * qb
+
+        q_ready = MBarrier("q_ready", 1)
+        ready = [MBarrier(f"pipeline.ready[{s}]", 1) for s in range(stages)]
+        free = [MBarrier(f"pipeline.free[{s}]", consumers * 4) for s in range(stages)]
+        buffers = [Buffer() for _ in range(stages)]
+        q_s = {}
+        # Thread 0 before __syncthreads: q tiles of every consumer on q_ready.
+        q_ready.expect_bytes(consumers * rows_tile)
+        for ci in range(rpc):
+            for cj in range(qb):
+                box, moved = tma_load(qg, (1, 1, blk, d), (b, (i0 + ci) * heads + h, jb0 + cj, 0), elem)
+                q_s[ci * qb + cj] = box[0, 0]
+                q_ready.complete_tx(moved)
+
+        def producer():
+            stage_bytes = rpc * (2 * rows_tile + key_vec) + qb * score_tile + faults.stage_bytes_delta
+            for kt in range(key_tiles):
+                s = kt % stages
+                if kt >= stages:  # pipeline::acquire
+                    yield Wait(free[s], ((kt // stages) - 1) & 1, "producer", kt)
+                ready[s].expect_bytes(stage_bytes)
+                buf = buffers[s]
+                buf.step = kt
+                kl = kt + faults.key_tile_offset
+                for ci in range(rpc):
+                    kv = (b, (i0 + ci) * heads + h, kl, 0)
+                    for name, g in (("k", kg), ("v", vg)):
+                        box, moved = tma_load(g, (1, 1, blk, d), kv, elem)
+                        buf.tiles[name, ci] = box[0, 0]
+                        ready[s].complete_tx(moved)
+                    box, moved = tma_load(kbg, (1, 1, 1, blk), (0, b, i0 + ci, kt), 4)  # fp32
+                    buf.tiles["key", ci] = box[0, 0, 0]
+                    ready[s].complete_tx(moved)
+                for cj in range(qb):
+                    box, moved = tma_load(bias, (1, 1, blk, blk), (b, h, jb0 + cj, kt), elem)
+                    buf.tiles["bias", cj] = box[0, 0]
+                    ready[s].complete_tx(moved)
+
+        def consumer(wg):
+            ci, cj = wg // qb, wg % qb
+            yield Wait(q_ready, 0, f"consumer {wg}", -1)
+            qt = q_s[wg]
+            acc = torch.zeros(blk, d, dtype=torch.float64)
+            row_max = torch.full((blk,), -math.inf, dtype=torch.float64)
+            row_sum = torch.zeros(blk, dtype=torch.float64)
+            for kt in range(key_tiles):
+                s = kt % stages
+                parity = (kt // stages) & 1
+                yield Wait(ready[s], parity ^ int(faults.ready_parity_flip), f"consumer {wg}", kt)
+                buf = buffers[s]
+                if buf.step != kt:
+                    raise Fault(f"consumer {wg} at step {kt} reads buffer {s} holding step {buf.step}")
+                # biased_scores: fma(bias, log2e, fma(qk, scale*log2e, key_bias2)); keys >= N -> -inf
+                sc = (qt @ buf.tiles["k", ci].T) * (scale * LOG2E) + buf.tiles["key", ci][None, :]
+                sc = sc + buf.tiles["bias", cj] * LOG2E
+                keys = kt * blk + torch.arange(blk)
+                sc[:, keys >= n] = -math.inf
+                prev = row_max
+                row_max = torch.maximum(row_max, sc.amax(1))
+                rescale = torch.exp2(prev - row_max)  # exp2(-inf) = 0 on the first tile
+                p = torch.exp2(sc - row_max[:, None])
+                row_sum = row_sum * rescale + p.sum(1)
+                acc = acc * rescale[:, None] + p @ buf.tiles["v", ci]
+                if not (faults.skip_release and wg == 0):
+                    for _ in range(4):  # pipeline::release, one arrival per warp
+                        free[s].arrive()
+            i, jb = i0 + ci, jb0 + cj
+            tma_store(o, (acc / row_sum[:, None])[None, None], (b, i * heads + h, jb, 0))
+            if i < rows:
+                for r in range(blk):
+                    row = jb * blk + r
+                    if row < n:
+                        stats[b, i, h, row] = torch.stack([row_max[r], torch.log2(row_sum[r])])
+
+        coroutines = {"producer": producer(), **{f"consumer {w}": consumer(w) for w in range(consumers)}}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+        for bar in (q_ready, *ready, *free):
+            if bar.tx != 0 or bar.pending != bar.arrivals:
+                raise Fault(f"block {block}: {bar.name} left with {bar.tx} bytes and "
+                            f"{bar.arrivals - bar.pending} arrivals of an unfinished phase")
+    for block in range(grid):
+        run_block(block)
+    return o.reshape(b_, rows, heads, n, d), stats
+
+
+def _inputs(b, rows, h, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, rows, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(b, h, n, n, generator=g, dtype=torch.float64)
+    mask = (torch.rand(b, rows, n, generator=g) > 0.2).double()
+    if n > 1:
+        mask[:, rows // 2] = 0  # a fully masked row
+    n_pad = tk_attention.padded_keys(n)
+    bias_p = torch.nn.functional.pad(bias, (0, n_pad - n))
+    kb = tk_attention.key_bias(mask, (b, rows, n), n_pad, 1e9, torch.float64, "cpu")
+    return q, k, v, bias, mask, bias_p, kb, 1 / math.sqrt(d)
+
+
+# (N, I): N around the 64-key tile, with odd rows I (the last row pair half empty).
+WALKS = [(1, 3), (17, 5), (63, 3), (64, 5), (65, 3), (130, 5), (255, 3), (300, 3)]
+
+
+@pytest.mark.parametrize("d", [32, 64], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize(("n", "rows"), WALKS, ids=[f"N{n}-I{i}" for n, i in WALKS])
+def test_forward_walk_equals_the_emulation(n, rows, d):
+    q, k, v, bias, mask, bias_p, kb, scale = _inputs(2, rows, 2, n, d, seed=n * 7 + rows)
+    o, stats = walk_forward(q, k, v, bias_p, kb, scale, seed=n)
+    assert torch.isfinite(o).all(), "an output element the kernel's schedule never writes"
+    assert torch.isfinite(stats).all(), "a statistics element the kernel's schedule never writes"
+    o_e, stats_e = tk_attention.emulate_forward(q, k, v, bias, mask, scale, 1e9)
+    err = (o - o_e).abs().max().item()
+    print(f"N={n} I={rows} d={d}: max |o - emulation| {err:.2e}")
+    # Rounding only: the fully masked row's logits sit near -1.4e9, where one
+    # float64 ulp is 2.4e-7, and the tile products may sum in another order.
+    assert err < 1e-6
+    torch.testing.assert_close(stats, stats_e, rtol=1e-12, atol=1e-9)
+
+
+def test_config_is_read_from_the_kernel_source():
+    c32, c64 = fwd_config(32), fwd_config(64)
+    print(c32, c64)
+    assert c32["block"] == tk_attention.KEY_PAD
+    assert c32["consumers"] == c32["rows_per_cta"] * c32["query_blocks"]
+    assert c32["threads"] == (c32["consumers"] + 1) * 128
+    assert c64["query_blocks"] <= c32["query_blocks"]
+    assert c32["stages"] >= 2
+
+
+def test_interleavings_do_not_matter():
+    q, k, v, _, _, bias_p, kb, scale = _inputs(1, 3, 1, 200, 32, seed=1)
+    first = walk_forward(q, k, v, bias_p, kb, scale, seed=1)
+    for seed in (2, 3):
+        other = walk_forward(q, k, v, bias_p, kb, scale, seed=seed)
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+
+
+@pytest.mark.parametrize(("fault", "error", "message"), [
+    (Faults(stage_bytes_delta=-64), Fault, r"delivered beyond expect_bytes"),
+    (Faults(stage_bytes_delta=+64), Hang, r"consumer \d waits on pipeline.ready\[0\] parity 0 at step 0"),
+    # Depending on the interleaving: the consumers read buffer 0 before it is
+    # filled, or wait for a phase that has already passed.
+    (Faults(ready_parity_flip=True), (Fault, Hang), r"reads buffer 0 holding step -1|ready\[0\] parity 1 at step 0"),
+    (Faults(skip_release=True), Hang, r"producer waits on pipeline.free\[0\] parity 0 at step 3"),
+], ids=["expect-too-few-bytes", "expect-too-many-bytes", "wrong-parity", "missing-release"])
+def test_the_walk_catches_phase_and_byte_bugs(fault, error, message):
+    q, k, v, _, _, bias_p, kb, scale = _inputs(1, 3, 1, 300, 32, seed=2)
+    with pytest.raises(error, match=message):
+        walk_forward(q, k, v, bias_p, kb, scale, faults=fault)
+
+
+def test_the_walk_catches_an_index_bug():
+    q, k, v, bias, mask, bias_p, kb, scale = _inputs(1, 3, 1, 130, 32, seed=3)
+    o, _ = walk_forward(q, k, v, bias_p, kb, scale, faults=Faults(key_tile_offset=1))
+    o_e, _ = tk_attention.emulate_forward(q, k, v, bias, mask, scale, 1e9)
+    assert (o - o_e).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------- tri-mul contraction walk
+
+
+def contract_config() -> dict[str, int]:
+    return _constants("config", TRIMUL_CSRC / "trimul_contract_sm90.cu", d=0)
+
+
+def walk_contract(a, b, scale, mode, sms, seed=0, faults: Faults | None = None):
+    """``trimul_contract``'s schedule on float64 ``[B, C, N, Np]`` operands."""
+    faults = faults or Faults()
+    c = contract_config()
+    wgs, bm, bn, bk, slices, stages = (c[k] for k in ("consumer_warpgroups", "block_m", "block_n", "block_k",
+                                                      "b_slices", "stages"))
+    trans_a, trans_b = mode == "AtB", mode == "ABt"
+    batch, channels, n, n_pad = a.shape
+    elem = 2
+    tile_bytes = bk * bk * elem
+    stage_bytes = (wgs + slices) * tile_bytes + faults.stage_bytes_delta
+    tiles_m, tiles_n, k_iters = math.ceil(n / bm), math.ceil(n_pad / bn), n_pad // bk
+    tasks = batch * channels * tiles_m * tiles_n
+    grid = min(tasks, sms)
+    out = torch.full_like(a, float("nan"))
+
+    def decode(task):
+        per_channel = tiles_m * tiles_n
+        bc, rem = divmod(task, per_channel)
+        return bc // channels, bc % channels, rem % tiles_m, rem // tiles_m
+
+    def run_block(block: int) -> None:
+        full = [MBarrier(f"contract.full[{s}]", 1) for s in range(stages)]
+        empty = [MBarrier(f"contract.empty[{s}]", wgs * 4) for s in range(stages)]
+        buffers = [Buffer() for _ in range(stages)]
+
+        def producer():
+            it = 0
+            for task in range(block, tasks, grid):
+                bb, ch, tm, tn = decode(task)
+                for k in range(k_iters):
+                    s = it % stages
+                    yield Wait(empty[s], ((it // stages) & 1) ^ 1, "producer", it)
+                    full[s].expect_bytes(stage_bytes)
+                    buf = buffers[s]
+                    buf.step = it
+                    for w in range(wgs):
+                        m = tm * wgs + w
+                        box, moved = tma_load(a, (1, 1, bk, bk), (bb, ch, k, m) if trans_a else (bb, ch, m, k), elem)
+                        buf.tiles["a", w] = box[0, 0]
+                        full[s].complete_tx(moved)
+                    for q in range(slices):
+                        col = tn * slices + q
+                        box, moved = tma_load(b, (1, 1, bk, bk), (bb, ch, col, k) if trans_b else (bb, ch, k, col),
+                                              elem)
+                        buf.tiles["b", q] = box[0, 0]
+                        full[s].complete_tx(moved)
+                    it += 1
+
+        def consumer(wg):
+            it = 0
+            for task in range(block, tasks, grid):
+                bb, ch, tm, tn = decode(task)
+                acc = torch.zeros(bk, bn, dtype=torch.float64)
+                for _ in range(k_iters):
+                    s = it % stages
+                    yield Wait(full[s], ((it // stages) & 1) ^ int(faults.ready_parity_flip), f"consumer {wg}", it)
+                    buf = buffers[s]
+                    if buf.step != it:
+                        raise Fault(f"consumer {wg} at stage use {it} reads slot {s} holding use {buf.step}")
+                    a_t = buf.tiles["a", wg].T if trans_a else buf.tiles["a", wg]  # rows i, depth k
+                    # B as depth x columns: the slices side by side (or stacked, read transposed).
+                    if trans_b:
+                        b_t = torch.cat([buf.tiles["b", q] for q in range(slices)], 0).T
+                    else:
+                        b_t = torch.cat([buf.tiles["b", q] for q in range(slices)], 1)
+                    acc = acc + a_t @ b_t
+                    if not (faults.skip_release and wg == 0):
+                        for _ in range(4):  # lane 0 of each warp arrives
+                            empty[s].arrive()
+                    it += 1
+                tma_store(out, (acc * scale)[None, None], (bb, ch, tm * wgs + wg, tn))
+
+        coroutines = {"producer": producer(), **{f"consumer {w}": consumer(w) for w in range(wgs)}}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+        for bar in (*full, *empty):
+            if bar.tx != 0 or bar.pending != bar.arrivals:
+                raise Fault(f"block {block}: {bar.name} left mid-phase")
+
+    for block in range(grid):
+        run_block(block)
+    return out
+
+
+def _channel_first(batch, channels, n, seed):
+    from genie_tk import tk_trimul
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(batch, channels, n, tk_trimul.padded(n), dtype=torch.float64)
+    t[..., :n] = torch.randn(batch, channels, n, n, generator=g, dtype=torch.float64)
+    return t
+
+
+CONTRACT_N = [1, 17, 63, 64, 65, 130, 255, 300]
+
+
+@pytest.mark.parametrize("mode", ["ABt", "AtB", "AB"])
+@pytest.mark.parametrize("n", CONTRACT_N, ids=lambda n: f"N{n}")
+def test_contract_walk_equals_the_emulation(n, mode):
+    from genie_tk import tk_trimul
+
+    a, b = _channel_first(1, 3, n, seed=n), _channel_first(1, 3, n, seed=n + 1)
+    # Three blocks: each walks several output tiles through one ring.
+    got = walk_contract(a, b, 0.37, mode, sms=3, seed=n)
+    want = torch.empty_like(a)
+    tk_trimul.Emulation.trimul_contract(want, a, b, torch.tensor([0.37], dtype=torch.float64), mode)
+    assert torch.isfinite(got).all(), "an output element the schedule never writes"
+    assert torch.all(got[..., n:] == 0), "padding columns must come out zero"
+    err = (got - want).abs().max().item()
+    print(f"N={n} {mode}: max |out - emulation| {err:.2e}")
+    assert err < 1e-9
+
+
+@pytest.mark.parametrize(("fault", "error", "message"), [
+    (Faults(stage_bytes_delta=-64), Fault, r"delivered beyond expect_bytes"),
+    (Faults(stage_bytes_delta=+64), Hang, r"consumer \d waits on contract.full\[0\] parity 0 at step 0"),
+    (Faults(ready_parity_flip=True), (Fault, Hang), r"reads slot 0 holding use -1|full\[0\] parity 1 at step 0"),
+    (Faults(skip_release=True), Hang, r"producer waits on contract.empty\[0\] parity 0 at step 3"),
+], ids=["expect-too-few-bytes", "expect-too-many-bytes", "wrong-parity", "missing-release"])
+def test_the_contract_walk_catches_phase_and_byte_bugs(fault, error, message):
+    a, b = _channel_first(1, 2, 130, seed=5), _channel_first(1, 2, 130, seed=6)
+    with pytest.raises(error, match=message):
+        walk_contract(a, b, 1.0, "AB", sms=2, faults=fault)
