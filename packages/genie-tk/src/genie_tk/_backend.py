@@ -7,7 +7,8 @@ The compiled extension ``genie_tk._C`` is imported here and only here. Backends:
 * ``reference``: the plain oracle in :mod:`genie_tk.reference`.
 
 ``backend=None`` reads ``GENIE_TK_BACKEND`` (default ``auto``). ``auto`` takes
-``tk`` where the inputs are eligible and otherwise falls back to ``torch`` with a
+``tk`` where the op's kernel is verified (none is yet: the kernels have never run
+on a GPU) and the inputs are eligible, and otherwise falls back to ``torch`` with a
 single :class:`BackendFallbackWarning` per reason (silently for CPU tensors on an
 install without the extension, where ``torch`` is the only choice); naming a backend that cannot
 run the call raises with the reason.
@@ -88,13 +89,30 @@ def _tk_unavailable_reason() -> str:
     return ""
 
 
+def _tk_op_info(kernel: TkKernel) -> dict[str, object]:
+    if kernel.verified:
+        note = "verified on a GPU: auto picks it for eligible inputs"
+    else:
+        note = "registered unverified: it has never run on a GPU, auto never picks it, backend='tk' runs it"
+    return {"verified": kernel.verified, "note": note}
+
+
 def backends() -> dict[str, dict[str, object]]:
-    """What each backend can do here: ``{name: {"available": bool, "reason": str, ...}}``."""
+    """What each backend can do here: ``{name: {"available": bool, "reason": str, ...}}``.
+
+    ``tk`` also lists the ``ops`` this build has kernels for, each with its
+    ``verified`` flag and a ``note``, and a ``note`` naming the unverified ones.
+    """
     tk_reason = _tk_unavailable_reason()
     info: dict[str, object] = {"available": not tk_reason, "reason": tk_reason}
     if HAS_EXTENSION:
         info["build"] = dict(_C.info())
-        info["ops"] = {op: {"verified": k.verified} for op, k in sorted(TK_KERNELS.items())}
+    if TK_KERNELS:
+        info["ops"] = {op: _tk_op_info(k) for op, k in sorted(TK_KERNELS.items())}
+        unverified = [op for op, k in sorted(TK_KERNELS.items()) if not k.verified]
+        if unverified:
+            info["note"] = ("registered unverified (never run on a GPU; auto never picks them, backend='tk' "
+                            "runs them): " + ", ".join(unverified))
     return {
         "tk": info,
         "torch": {"available": True, "reason": ""},
