@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import genie_tk
-from genie_tk import _backend
+from genie_tk import _backend, tk_attention, tk_trimul
 from genie_tk.testing import build
 
 
 @pytest.fixture
 def module():
     return build(genie_tk.TriangleMultiplicationOutgoing, 8, 4, 0, seed=0)
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def test_backends_report():
@@ -71,6 +76,51 @@ def test_triton_by_name_needs_cpu_tensors_under_the_interpreter(monkeypatch):
     q = torch.randn(1, 3, 1, 3, 4)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run triangle_attention: inputs are on cpu.*TRITON_INTERPRET=1"):
         genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3), backend="triton")
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_backends_reports_each_tk_ops_verification(monkeypatch, verified):
+    """backends() says per tk op whether it is verified, and names the unverified ones."""
+    kernels = {"triangle_attention": _backend.Kernel(lambda *a, **k: "", lambda *a: None, verified=verified),
+               "triangle_multiplicative_update": _backend.Kernel(lambda *a, **k: "", lambda *a: None, True)}
+    monkeypatch.setattr(_backend, "TK_KERNELS", kernels)
+    tk = genie_tk.backends()["tk"]
+    print(tk)
+    assert tk["ops"]["triangle_attention"]["verified"] is verified
+    assert tk["ops"]["triangle_multiplicative_update"]["verified"] is True
+    for op, entry in tk["ops"].items():
+        says_unverified = "unverified" in entry["note"] and "auto never picks it" in entry["note"]
+        assert says_unverified is not entry["verified"], (op, entry)
+    if verified:
+        assert "note" not in tk
+    else:
+        assert "never run on a GPU" in tk["note"] and tk["note"].endswith(": triangle_attention")
+
+
+def _tk_descriptions() -> dict[str, str]:
+    """Every text that describes the tk backend to a user."""
+    texts = {"genie-tk README": (PACKAGE / "README.md").read_text()}
+    # A regex, not tomllib: the package supports Python 3.10.
+    description = re.search(r'^description = "(.+)"$', (PACKAGE / "pyproject.toml").read_text(), re.M)
+    texts["package description"] = description.group(1)
+    root = PACKAGE.parents[1] / "README.md"
+    if root.exists():  # absent from an unpacked sdist
+        texts["root README"] = root.read_text()
+    return texts
+
+
+def test_tk_descriptions_follow_the_verified_flags():
+    """The READMEs and package metadata call the tk kernels unverified exactly while they are."""
+    flags = {"triangle attention": tk_attention.VERIFIED, "tri-mul": tk_trimul.VERIFIED}
+    for name, text in _tk_descriptions().items():
+        says = "unverified" in text and "never run on a GPU" in text
+        if not any(flags.values()):
+            assert says, f"{name} must say that the tk kernels are unverified and never ran on a GPU"
+            assert "auto" in text and ("never picks them" in text or "not used by auto" in text), name
+        elif all(flags.values()):
+            assert not says, f"{name} still calls the tk kernels unverified; flags: {flags}"
+        else:
+            pytest.fail(f"update {name} to say which tk kernels are verified: {flags}")
 
 
 @pytest.mark.parametrize("name", ["torch", "reference"])

@@ -1,6 +1,7 @@
 """The triangle attention kernels on a Hopper GPU (marked ``cuda`` by file name).
 
-What a GPU session runs before setting ``verified=True`` in tk_attention.py:
+What a GPU session runs before setting ``VERIFIED = True`` in tk_attention.py (and the
+READMEs, which tests/test_dispatch.py holds to that flag):
 
 * outputs and all four gradients against a float64 oracle, on fresh random
   inputs with padded (fully masked) rows and columns and random holes, for

@@ -17,7 +17,8 @@ What the first GPU session runs (``pytest -m cuda``; every test here is marked
   stream, leading batch axes, strided and unaligned views, float32 under
   autocast, argument errors.
 
-When all of it passes, set ``verified=True`` in ``tk_trimul.py``.
+When all of it passes, set ``VERIFIED = True`` in ``tk_trimul.py`` (and update the READMEs,
+which tests/test_dispatch.py holds to that flag).
 """
 
 from __future__ import annotations

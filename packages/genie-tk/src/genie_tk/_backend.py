@@ -9,10 +9,11 @@ The compiled extension ``genie_tk._C`` is imported here and only here. Backends:
 * ``reference``: the plain oracle in :mod:`genie_tk.reference`.
 
 ``backend=None`` reads ``GENIE_TK_BACKEND`` (default ``auto``). ``auto`` takes
-``tk``, then ``triton``, where the inputs are eligible and the kernel has been verified
-on a GPU, and otherwise falls back to ``torch`` with a single
-:class:`BackendFallbackWarning` per reason (silently for CPU tensors on an install
-without the extension, where ``torch`` is the only choice); naming a backend that cannot
+``tk``, then ``triton``, where the op's kernel has been verified on a GPU (none is yet:
+no kernel has run on a GPU) and the inputs are eligible, and otherwise falls back to
+``torch`` with a single :class:`BackendFallbackWarning` per reason (silently for CPU
+tensors on an install without the extension, where ``torch`` is the only choice); naming
+a backend that cannot
 run the call raises with the reason.
 """
 
@@ -128,22 +129,42 @@ def _triton_unavailable_reason() -> str:
     return ""
 
 
-def _ops_info(kernels: dict[str, Kernel]) -> dict[str, dict[str, bool]]:
-    return {op: {"verified": k.verified} for op, k in sorted(kernels.items())}
+def _op_info(backend: str, kernel: Kernel) -> dict[str, object]:
+    if kernel.verified:
+        note = "verified on a GPU: auto picks it for eligible inputs"
+    else:
+        note = (f"registered unverified: it has never run on a GPU, auto never picks it, "
+                f"backend='{backend}' runs it")
+    return {"verified": kernel.verified, "note": note}
+
+
+def _describe_ops(backend: str, kernels: dict[str, Kernel], info: dict[str, object]) -> None:
+    """Per-op verification flags and notes of a kernel backend, and a note naming the unverified ops."""
+    if not kernels:
+        return
+    info["ops"] = {op: _op_info(backend, k) for op, k in sorted(kernels.items())}
+    unverified = [op for op, k in sorted(kernels.items()) if not k.verified]
+    if unverified:
+        info["note"] = (f"registered unverified (never run on a GPU; auto never picks them, backend='{backend}' "
+                        "runs them): " + ", ".join(unverified))
 
 
 def backends() -> dict[str, dict[str, object]]:
-    """What each backend can do here: ``{name: {"available": bool, "reason": str, ...}}``."""
+    """What each backend can do here: ``{name: {"available": bool, "reason": str, ...}}``.
+
+    ``tk`` and ``triton`` also list the ``ops`` they have kernels for, each with its
+    ``verified`` flag and a ``note``, and a ``note`` naming the unverified ones.
+    """
     tk_reason = _tk_unavailable_reason()
     info: dict[str, object] = {"available": not tk_reason, "reason": tk_reason}
     if HAS_EXTENSION:
         info["build"] = dict(_C.info())
-        info["ops"] = _ops_info(TK_KERNELS)
+    _describe_ops("tk", TK_KERNELS, info)
     triton_reason = _triton_unavailable_reason()
     triton_info: dict[str, object] = {"available": not triton_reason, "reason": triton_reason}
     if HAS_TRITON:
         triton_info["interpreter"] = triton_interpreted()
-        triton_info["ops"] = _ops_info(TRITON_KERNELS)
+        _describe_ops("triton", TRITON_KERNELS, triton_info)
     return {
         "tk": info,
         "triton": triton_info,
