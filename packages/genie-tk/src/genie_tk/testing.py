@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 import genie_tk
+from genie_tk import cuequivariance
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,3 +64,15 @@ def forward_backward(module, z, mask, cotangent):
     out = module(z, mask=mask)
     (out * cotangent).sum().backward()
     return out.detach(), z.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def cuequivariance_stand_in(monkeypatch) -> None:
+    """Make ``cuequivariance_torch`` (and ``cuequivariance_torch.primitives.triangle``)
+    resolve to :mod:`genie_tk.cuequivariance` for the rest of a test (``monkeypatch``
+    is pytest's fixture), so Boltz's and OpenFold3's own cuEquivariance call sites
+    run genie-tk's functional API as they would run the real package's."""
+    for name in ("cuequivariance_torch", "cuequivariance_torch.primitives", "cuequivariance_torch.primitives.triangle"):
+        module = types.ModuleType(name)
+        module.triangle_attention = cuequivariance.triangle_attention
+        module.triangle_multiplicative_update = cuequivariance.triangle_multiplicative_update
+        monkeypatch.setitem(sys.modules, name, module)
