@@ -47,7 +47,7 @@ def run(module, z, mask, cotangent, **kwargs):
 
 def compare(ours, theirs, z, mask, label, **kwargs):
     """Max relative error of output and every gradient of two modules with the same state_dict."""
-    cot = torch.randn(z.shape[:-1] + (ours.c_in if hasattr(ours, "c_in") else ours.c_z,), dtype=z.dtype,
+    cot = torch.randn((*z.shape[:-1], ours.c_in if hasattr(ours, "c_in") else ours.c_z), dtype=z.dtype,
                       generator=torch.Generator().manual_seed(99))
     o1, dz1, g1 = run(ours, z, mask, cot, **kwargs)
     o2, dz2, g2 = run(theirs, z, mask, cot, **kwargs)
@@ -126,7 +126,7 @@ def test_linear_init_params():
         g3.TriangleAttention(C, CH, H, linear_init_params=att)
     att = copy.deepcopy(g3.TRI_ATT_INIT)
     att["mha"]["linear_q"]["precision"] = torch.float32
-    with pytest.raises(ValueError, match="linear_init_params.linear_q has \\['precision'\\]"):
+    with pytest.raises(ValueError, match=r"linear_init_params.linear_q has \['precision'\]"):
         g3.TriangleAttention(C, CH, H, linear_init_params=att)
 
 
