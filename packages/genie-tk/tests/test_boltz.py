@@ -1,8 +1,8 @@
 """genie_tk.boltz: Boltz 2's layouts, and cross-tests against the real Boltz 2.2.1.
 
 The cross-tests (marked ``crosstest``) import Boltz's layer modules, which need
-``pip install --no-deps boltz==2.2.1`` plus ``scipy einops`` (what ``nox -s tests``
-/ ``crosstest`` install); they skip, with the import error, where those are
+``pip install --no-deps boltz==2.2.1`` plus ``scipy einops`` (``LAYOUT_CROSSTEST``
+in noxfile.py, installed by ``nox -s crosstest``); they skip, with the import error, where those are
 missing. Triangle attention is compared in float64; the tri-mul in float32, the
 only precision Boltz's layer runs in (it casts ``a`` and ``b`` to float32); masks
 have padded (fully masked) rows and random holes; outputs, the input gradient and
@@ -32,7 +32,7 @@ def boltz(module: str):
         return importlib.import_module(f"boltz.model.layers.{module}")
     except ImportError as exc:
         pytest.skip(f"boltz is not importable ({exc}); `nox -s crosstest` installs it "
-                    "(pip install --no-deps boltz==2.2.1 plus scipy einops)")
+                    "(noxfile.py: LAYOUT_CROSSTEST, with --no-deps)")
 
 
 def inputs(dtype, seed, c=C):

@@ -1,8 +1,8 @@
 """genie_tk.openfold3: OpenFold3's layouts, and cross-tests against the real OpenFold3 0.5.0.
 
 The cross-tests (marked ``crosstest``) import OpenFold3's layer modules, which need
-``pip install --no-deps openfold3==0.5.0`` plus ``ml_collections scipy biotite``
-(what ``nox -s tests`` / ``crosstest`` install); they skip, with the import error,
+``pip install --no-deps openfold3==0.5.0`` plus the few packages they import
+(``LAYOUT_CROSSTEST`` in noxfile.py, installed by ``nox -s crosstest``); they skip, with the import error,
 where those are missing. Every comparison is float64, with padded (fully masked)
 rows and random holes in the mask, on outputs, the input gradient and every
 parameter gradient; ``-s`` prints the errors (the README's figures).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -30,10 +31,12 @@ NO_CUDA_AUTOCAST = pytest.mark.filterwarnings(
 def openfold3(module: str):
     """An OpenFold3 module, or a skip naming why it does not import."""
     try:
-        return importlib.import_module(f"openfold3.core.model.{module}")
+        with warnings.catch_warnings():  # OpenFold3 warns at import where Triton is missing
+            warnings.filterwarnings("ignore", "Triton is not available", UserWarning)
+            return importlib.import_module(f"openfold3.core.model.{module}")
     except ImportError as exc:
         pytest.skip(f"openfold3 is not importable ({exc}); `nox -s crosstest` installs it "
-                    "(pip install --no-deps openfold3==0.5.0 plus ml_collections scipy biotite)")
+                    "(noxfile.py: LAYOUT_CROSSTEST, with --no-deps)")
 
 
 def run(module, z, mask, cotangent, **kwargs):
