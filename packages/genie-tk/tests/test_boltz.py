@@ -21,6 +21,12 @@ from genie_tk import boltz as gb
 from genie_tk.testing import cuequivariance_stand_in, pair_mask, perturbed, rel
 
 BACKENDS = ("torch", "reference")
+
+
+def seed(n: int) -> None:
+    """Seed torch and numpy (the projects draw their LeCun initialisations with scipy)."""
+    torch.manual_seed(n)
+    importlib.import_module("numpy").random.seed(n)
 C, CH, H, N = 12, 5, 3, 10
 NO_CUDA_AUTOCAST = pytest.mark.filterwarnings(
     "ignore:(User provided device_type of 'cuda'|CUDA is not available):UserWarning")
@@ -78,7 +84,7 @@ def test_state_dict_keys_are_boltzs():
 @pytest.mark.parametrize("name", ["TriangleMultiplicationOutgoing", "TriangleMultiplicationIncoming"])
 def test_trimul_matches_boltz_float32(name, backend):
     layers = boltz("triangular_mult")
-    torch.manual_seed(1)
+    seed(1)
     theirs = perturbed(getattr(layers, name)(C), 2)  # perturbed: no zero-initialised gate or output
     ours = getattr(gb, name)(C)
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -95,7 +101,7 @@ def test_trimul_matches_boltz_float32(name, backend):
 @pytest.mark.parametrize("name", ["TriangleAttention", "TriangleAttentionStartingNode", "TriangleAttentionEndingNode"])
 def test_attention_matches_boltz(name, chunk_size, backend):
     layers = boltz("triangular_attention.attention")
-    torch.manual_seed(4)
+    seed(4)
     theirs = perturbed(getattr(layers, name)(C, CH, H).double(), 5)
     ours = getattr(gb, name)(C, CH, H).double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -112,7 +118,7 @@ def test_boltz_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
     genie_tk.cuequivariance, equal its eager paths."""
     mul_layers, att_layers = boltz("triangular_mult"), boltz("triangular_attention.attention")
     cuequivariance_stand_in(monkeypatch)
-    torch.manual_seed(7)
+    seed(7)
     z, mask = inputs(torch.float64, 8)
     att = perturbed(att_layers.TriangleAttentionEndingNode(C, CH, H).double(), 9)
     assert rel(att(z, mask, use_kernels=True), att(z, mask)) < 1e-12
@@ -130,7 +136,7 @@ def test_trimul_under_bfloat16_autocast_is_as_accurate_as_boltz():
     """Boltz's float32 cast before the contraction does not survive autocast (its einsum
     runs in bfloat16 there); genie-tk's error against the float64 truth is at most 2x Boltz's."""
     layers = boltz("triangular_mult")
-    torch.manual_seed(11)
+    seed(11)
     theirs = perturbed(layers.TriangleMultiplicationOutgoing(C), 12)
     ours = gb.TriangleMultiplicationOutgoing(C)
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -143,11 +149,11 @@ def test_trimul_under_bfloat16_autocast_is_as_accurate_as_boltz():
     assert err_ours <= 2 * err_boltz
 
 
-def pairformer_layer(pairformer, seed):
-    torch.manual_seed(seed)
+def pairformer_layer(pairformer, n):
+    seed(n)
     layer = pairformer.PairformerLayer(token_s=8, token_z=C, num_heads=2, dropout=0.25, pairwise_head_width=4,
                                        pairwise_num_heads=H, v2=True)
-    return perturbed(layer.eval(), seed + 1)
+    return perturbed(layer.eval(), n + 1)
 
 
 @pytest.mark.crosstest

@@ -22,6 +22,12 @@ from genie_tk import openfold3 as g3
 from genie_tk.testing import cuequivariance_stand_in, pair_mask, perturbed, rel
 
 BACKENDS = ("torch", "reference")
+
+
+def seed(n: int) -> None:
+    """Seed torch and numpy (the projects draw their LeCun initialisations with scipy)."""
+    torch.manual_seed(n)
+    importlib.import_module("numpy").random.seed(n)
 C, CH, H, N = 12, 5, 3, 10
 # OpenFold3's attention wraps CPU code in torch.amp.autocast("cuda"), which warns without a GPU.
 NO_CUDA_AUTOCAST = pytest.mark.filterwarnings(
@@ -135,7 +141,7 @@ def test_linear_init_params():
 
 @pytest.mark.parametrize("starting", [True, False])
 def test_transpose_bias_backends_agree_and_it_changes_the_function(starting):
-    torch.manual_seed(4)
+    seed(4)
     m = perturbed(g3.TriangleAttention(C, CH, H, starting=starting).double(), 5)
     z, mask = inputs(seed=6)
     m.backend = "reference"
@@ -157,7 +163,7 @@ def test_transpose_bias_backends_agree_and_it_changes_the_function(starting):
 @pytest.mark.parametrize("name", ATTENTION)
 def test_attention_matches_openfold3(name, transpose_bias, backend):
     layers = openfold3("layers.triangular_attention")
-    torch.manual_seed(7)
+    seed(7)
     theirs = perturbed(getattr(layers, name)(C, CH, H).double(), 8)  # perturbed: no zero-initialised layer
     ours = ours_like(getattr(g3, name), theirs, backend)
     z, mask = inputs(seed=9)
@@ -172,7 +178,7 @@ def test_attention_matches_openfold3(name, transpose_bias, backend):
 @pytest.mark.parametrize("name", TRI_MUL)
 def test_trimul_matches_openfold3(name, backend):
     layers = openfold3("layers.triangular_multiplicative_update")
-    torch.manual_seed(10)
+    seed(10)
     theirs = perturbed(getattr(layers, name)(C, CH).double(), 11)
     ours = ours_like(getattr(g3, name), theirs, backend)
     z, mask = inputs(lead=(1, 2), seed=12)  # OpenFold3's template stack has two batch axes
@@ -185,7 +191,7 @@ def test_trimul_matches_openfold3(name, backend):
 def test_inference_keywords_match_openfold3():
     att_layers = openfold3("layers.triangular_attention")
     mul_layers = openfold3("layers.triangular_multiplicative_update")
-    torch.manual_seed(13)
+    seed(13)
     z, mask = inputs(seed=14)
     theirs = perturbed(att_layers.TriangleAttentionEndingNode(C, CH, H).double(), 15)
     ours = ours_like(g3.TriangleAttentionEndingNode, theirs, "torch")
@@ -217,7 +223,7 @@ def test_openfold3_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
     monkeypatch.setattr(attention, "triangle_attention", genie_tk.cuequivariance.triangle_attention, raising=False)
     monkeypatch.setattr(mul_layers, "triangle_multiplicative_update",
                         genie_tk.cuequivariance.triangle_multiplicative_update, raising=False)
-    torch.manual_seed(17)
+    seed(17)
     z, mask = inputs(c=32, seed=18)  # OpenFold3's cuEquivariance tri-mul wants channels % 32 == 0
     att = perturbed(att_layers.TriangleAttention(32, CH, H).double(), 19)
     for kw in ({}, {"chunk_size": 4}, {"transpose_bias": True}):
@@ -231,8 +237,8 @@ def test_openfold3_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
         assert rel(fast, eager) < 1e-12
 
 
-def pairformer_block(latent, seed):
-    torch.manual_seed(seed)
+def pairformer_block(latent, n):
+    seed(n)
     block = latent.PairFormerBlock(
         c_s=8, c_z=C, c_hidden_pair_bias=4, no_heads_pair_bias=2, c_hidden_mul=CH, c_hidden_pair_att=4,
         no_heads_pair=H, transition_type="swiglu", transition_n=2, pair_dropout=0.25,
