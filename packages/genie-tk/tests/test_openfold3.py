@@ -19,6 +19,7 @@ import torch
 
 import genie_tk
 from genie_tk import openfold3 as g3
+from genie_tk import tk_attention
 from genie_tk.testing import cuequivariance_stand_in, pair_mask, perturbed, rel
 
 BACKENDS = ("torch", "reference")
@@ -152,6 +153,21 @@ def test_transpose_bias_backends_agree_and_it_changes_the_function(starting):
     errors = compare(m, theirs, z, mask, f"transpose_bias torch vs reference starting={starting}", transpose_bias=True)
     assert max(errors.values()) < 1e-12
     assert rel(m(z, mask, transpose_bias=True), m(z, mask)) > 1e-3
+
+
+def test_tk_layer_glue_transposes_the_bias(monkeypatch):
+    """The tk backend's layer glue (tk_attention.run_layer) honours transpose_bias; its
+    attention core is the reference core here, so this runs without a GPU."""
+    monkeypatch.setattr(tk_attention, "run", genie_tk.reference.triangle_attention)
+    m = perturbed(g3.TriangleAttention(C, CH, H).double(), 30)
+    mha, zeros = m.mha, torch.zeros(H * CH, dtype=torch.float64)
+    weights = (m.layer_norm.weight, m.layer_norm.bias, m.linear_z.weight, mha.linear_q.weight, mha.linear_k.weight,
+               mha.linear_v.weight, mha.linear_g.weight, zeros, mha.linear_o.weight, torch.zeros(C, dtype=torch.float64))
+    z, mask = inputs(seed=31)
+    m.backend = "reference"
+    for transpose_bias in (False, True):
+        got = tk_attention.run_layer(z, mask, weights, True, m.inf, m.layer_norm.eps, transpose_bias)
+        assert rel(got, m(z, mask, transpose_bias=transpose_bias)) < 1e-12
 
 
 # --- against OpenFold3 -----------------------------------------------------------------------
