@@ -18,15 +18,17 @@ import pytest
 import torch
 
 from genie_tk import boltz as gb
-from genie_tk.testing import cuequivariance_stand_in, pair_mask, perturbed, rel
+from genie_tk.testing import (
+    cuequivariance_stand_in,
+    layer_errors,
+    pair_mask,
+    perturbed,
+    rel,
+    seed_all,
+)
 
 BACKENDS = ("torch", "reference")
 
-
-def seed(n: int) -> None:
-    """Seed torch and numpy (the projects draw their LeCun initialisations with scipy)."""
-    torch.manual_seed(n)
-    importlib.import_module("numpy").random.seed(n)
 C, CH, H, N = 12, 5, 3, 10
 NO_CUDA_AUTOCAST = pytest.mark.filterwarnings(
     "ignore:(User provided device_type of 'cuda'|CUDA is not available):UserWarning")
@@ -46,23 +48,6 @@ def inputs(dtype, seed, c=C):
     z = torch.randn(2, N, N, c, generator=g, dtype=dtype)
     return z, pair_mask(2, N, 2, 0.2, seed + 1, dtype=dtype)
 
-
-def compare(ours, theirs, z, mask, label, **kwargs):
-    cot = torch.randn(z.shape, dtype=z.dtype, generator=torch.Generator().manual_seed(99))
-    results = []
-    for m in (ours, theirs):
-        m.zero_grad(set_to_none=True)
-        zz = z.detach().clone().requires_grad_(True)
-        out = m(zz, mask, **kwargs)
-        (out * cot).sum().backward()
-        results.append((out.detach(), zz.grad, {n: p.grad for n, p in m.named_parameters()}))
-    (o1, dz1, g1), (o2, dz2, g2) = results
-    assert g1.keys() == g2.keys()
-    errors = {"out": rel(o1, o2), "dz": rel(dz1, dz2)} | {n: rel(g1[n], g2[n]) for n in g1}
-    worst = max(errors, key=errors.get)
-    print(f"{label}: max abs err out {(o1 - o2).abs().max().item():.2e}; max rel err {errors[worst]:.2e} ({worst}) "
-          f"over out, dz and {len(g1)} parameter gradients")
-    return errors
 
 
 def test_state_dict_keys_are_boltzs():
@@ -84,13 +69,13 @@ def test_state_dict_keys_are_boltzs():
 @pytest.mark.parametrize("name", ["TriangleMultiplicationOutgoing", "TriangleMultiplicationIncoming"])
 def test_trimul_matches_boltz_float32(name, backend):
     layers = boltz("triangular_mult")
-    seed(1)
+    seed_all(1)
     theirs = perturbed(getattr(layers, name)(C), 2)  # perturbed: no zero-initialised gate or output
     ours = getattr(gb, name)(C)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     ours.backend = backend
     z, mask = inputs(torch.float32, 3)
-    errors = compare(ours, theirs, z, mask, f"boltz {name} float32 {backend}")
+    errors = layer_errors(ours, theirs, z, mask, f"boltz {name} float32 {backend}")
     assert max(errors.values()) < 1e-5
 
 
@@ -101,13 +86,13 @@ def test_trimul_matches_boltz_float32(name, backend):
 @pytest.mark.parametrize("name", ["TriangleAttention", "TriangleAttentionStartingNode", "TriangleAttentionEndingNode"])
 def test_attention_matches_boltz(name, chunk_size, backend):
     layers = boltz("triangular_attention.attention")
-    seed(4)
+    seed_all(4)
     theirs = perturbed(getattr(layers, name)(C, CH, H).double(), 5)
     ours = getattr(gb, name)(C, CH, H).double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     ours.backend = backend
     z, mask = inputs(torch.float64, 6)
-    errors = compare(ours, theirs, z, mask, f"boltz {name} chunk_size={chunk_size} {backend}", chunk_size=chunk_size)
+    errors = layer_errors(ours, theirs, z, mask, f"boltz {name} chunk_size={chunk_size} {backend}", chunk_size=chunk_size)
     assert max(errors.values()) < 1e-12
 
 
@@ -118,7 +103,7 @@ def test_boltz_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
     genie_tk.cuequivariance, equal its eager paths."""
     mul_layers, att_layers = boltz("triangular_mult"), boltz("triangular_attention.attention")
     cuequivariance_stand_in(monkeypatch)
-    seed(7)
+    seed_all(7)
     z, mask = inputs(torch.float64, 8)
     att = perturbed(att_layers.TriangleAttentionEndingNode(C, CH, H).double(), 9)
     assert rel(att(z, mask, use_kernels=True), att(z, mask)) < 1e-12
@@ -136,7 +121,7 @@ def test_trimul_under_bfloat16_autocast_is_as_accurate_as_boltz():
     """Boltz's float32 cast before the contraction does not survive autocast (its einsum
     runs in bfloat16 there); genie-tk's error against the float64 truth is at most 2x Boltz's."""
     layers = boltz("triangular_mult")
-    seed(11)
+    seed_all(11)
     theirs = perturbed(layers.TriangleMultiplicationOutgoing(C), 12)
     ours = gb.TriangleMultiplicationOutgoing(C)
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -150,7 +135,7 @@ def test_trimul_under_bfloat16_autocast_is_as_accurate_as_boltz():
 
 
 def pairformer_layer(pairformer, n):
-    seed(n)
+    seed_all(n)
     layer = pairformer.PairformerLayer(token_s=8, token_z=C, num_heads=2, dropout=0.25, pairwise_head_width=4,
                                        pairwise_num_heads=H, v2=True)
     return perturbed(layer.eval(), n + 1)

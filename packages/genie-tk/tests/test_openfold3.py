@@ -20,15 +20,17 @@ import torch
 import genie_tk
 from genie_tk import openfold3 as g3
 from genie_tk import tk_attention
-from genie_tk.testing import cuequivariance_stand_in, pair_mask, perturbed, rel
+from genie_tk.testing import (
+    cuequivariance_stand_in,
+    layer_errors,
+    pair_mask,
+    perturbed,
+    rel,
+    seed_all,
+)
 
 BACKENDS = ("torch", "reference")
 
-
-def seed(n: int) -> None:
-    """Seed torch and numpy (the projects draw their LeCun initialisations with scipy)."""
-    torch.manual_seed(n)
-    importlib.import_module("numpy").random.seed(n)
 C, CH, H, N = 12, 5, 3, 10
 # OpenFold3's attention wraps CPU code in torch.amp.autocast("cuda"), which warns without a GPU.
 NO_CUDA_AUTOCAST = pytest.mark.filterwarnings(
@@ -46,27 +48,6 @@ def openfold3(module: str):
                     "(noxfile.py: LAYOUT_CROSSTEST, with --no-deps)")
 
 
-def run(module, z, mask, cotangent, **kwargs):
-    """Output, input gradient and parameter gradients of ``sum(module(z, mask, **kwargs) * cotangent)``."""
-    module.zero_grad(set_to_none=True)
-    z = z.detach().clone().requires_grad_(True)
-    out = module(z, mask=mask, **kwargs)
-    (out * cotangent).sum().backward()
-    return out.detach(), z.grad, {n: p.grad for n, p in module.named_parameters()}
-
-
-def compare(ours, theirs, z, mask, label, **kwargs):
-    """Max relative error of output and every gradient of two modules with the same state_dict."""
-    cot = torch.randn((*z.shape[:-1], ours.c_in if hasattr(ours, "c_in") else ours.c_z), dtype=z.dtype,
-                      generator=torch.Generator().manual_seed(99))
-    o1, dz1, g1 = run(ours, z, mask, cot, **kwargs)
-    o2, dz2, g2 = run(theirs, z, mask, cot, **kwargs)
-    assert g1.keys() == g2.keys()
-    errors = {"out": rel(o1, o2), "dz": rel(dz1, dz2)} | {n: rel(g1[n], g2[n]) for n in g1}
-    worst = max(errors, key=errors.get)
-    print(f"{label}: max abs err out {(o1 - o2).abs().max().item():.2e}; max rel err {errors[worst]:.2e} ({worst}) "
-          f"over out, dz and {len(g1)} parameter gradients")
-    return errors
 
 
 def inputs(lead=(2,), n=N, c=C, seed=0):
@@ -142,15 +123,15 @@ def test_linear_init_params():
 
 @pytest.mark.parametrize("starting", [True, False])
 def test_transpose_bias_backends_agree_and_it_changes_the_function(starting):
-    seed(4)
+    seed_all(4)
     m = perturbed(g3.TriangleAttention(C, CH, H, starting=starting).double(), 5)
     z, mask = inputs(seed=6)
     m.backend = "reference"
-    ref = compare(m, copy.deepcopy(m), z, mask, "self")  # sanity: identical modules
+    ref = layer_errors(m, copy.deepcopy(m), z, mask, "self")  # sanity: identical modules
     assert max(ref.values()) == 0
     theirs = copy.deepcopy(m)
     m.backend = "torch"
-    errors = compare(m, theirs, z, mask, f"transpose_bias torch vs reference starting={starting}", transpose_bias=True)
+    errors = layer_errors(m, theirs, z, mask, f"transpose_bias torch vs reference starting={starting}", transpose_bias=True)
     assert max(errors.values()) < 1e-12
     assert rel(m(z, mask, transpose_bias=True), m(z, mask)) > 1e-3
 
@@ -179,11 +160,11 @@ def test_tk_layer_glue_transposes_the_bias(monkeypatch):
 @pytest.mark.parametrize("name", ATTENTION)
 def test_attention_matches_openfold3(name, transpose_bias, backend):
     layers = openfold3("layers.triangular_attention")
-    seed(7)
+    seed_all(7)
     theirs = perturbed(getattr(layers, name)(C, CH, H).double(), 8)  # perturbed: no zero-initialised layer
     ours = ours_like(getattr(g3, name), theirs, backend)
     z, mask = inputs(seed=9)
-    errors = compare(ours, theirs, z, mask, f"openfold3 {name} transpose_bias={transpose_bias} {backend}",
+    errors = layer_errors(ours, theirs, z, mask, f"openfold3 {name} transpose_bias={transpose_bias} {backend}",
                      transpose_bias=transpose_bias)
     assert max(errors.values()) < 1e-12
 
@@ -194,11 +175,11 @@ def test_attention_matches_openfold3(name, transpose_bias, backend):
 @pytest.mark.parametrize("name", TRI_MUL)
 def test_trimul_matches_openfold3(name, backend):
     layers = openfold3("layers.triangular_multiplicative_update")
-    seed(10)
+    seed_all(10)
     theirs = perturbed(getattr(layers, name)(C, CH).double(), 11)
     ours = ours_like(getattr(g3, name), theirs, backend)
     z, mask = inputs(lead=(1, 2), seed=12)  # OpenFold3's template stack has two batch axes
-    errors = compare(ours, theirs, z, mask, f"openfold3 {name} {backend}")
+    errors = layer_errors(ours, theirs, z, mask, f"openfold3 {name} {backend}")
     assert max(errors.values()) < 1e-12
 
 
@@ -207,7 +188,7 @@ def test_trimul_matches_openfold3(name, backend):
 def test_inference_keywords_match_openfold3():
     att_layers = openfold3("layers.triangular_attention")
     mul_layers = openfold3("layers.triangular_multiplicative_update")
-    seed(13)
+    seed_all(13)
     z, mask = inputs(seed=14)
     theirs = perturbed(att_layers.TriangleAttentionEndingNode(C, CH, H).double(), 15)
     ours = ours_like(g3.TriangleAttentionEndingNode, theirs, "torch")
@@ -239,7 +220,7 @@ def test_openfold3_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
     monkeypatch.setattr(attention, "triangle_attention", genie_tk.cuequivariance.triangle_attention, raising=False)
     monkeypatch.setattr(mul_layers, "triangle_multiplicative_update",
                         genie_tk.cuequivariance.triangle_multiplicative_update, raising=False)
-    seed(17)
+    seed_all(17)
     z, mask = inputs(c=32, seed=18)  # OpenFold3's cuEquivariance tri-mul wants channels % 32 == 0
     att = perturbed(att_layers.TriangleAttention(32, CH, H).double(), 19)
     for kw in ({}, {"chunk_size": 4}, {"transpose_bias": True}):
@@ -254,7 +235,7 @@ def test_openfold3_cuequivariance_call_sites_run_on_genie_tk(monkeypatch):
 
 
 def pairformer_block(latent, n):
-    seed(n)
+    seed_all(n)
     block = latent.PairFormerBlock(
         c_s=8, c_z=C, c_hidden_pair_bias=4, no_heads_pair_bias=2, c_hidden_mul=CH, c_hidden_pair_att=4,
         no_heads_pair=H, transition_type="swiglu", transition_n=2, pair_dropout=0.25,
