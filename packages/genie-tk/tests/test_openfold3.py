@@ -272,6 +272,10 @@ def test_pairformer_block_replace_modules_and_patch():
     print(f"openfold3 PairFormerBlock replace_modules: rel err s, z, dz/dz_in {errors}")
     assert max(errors) < 1e-12
 
+    layer = original.pair_stack.tri_mul_in
+    alone = g3.replace_modules(layer)  # a layer itself: its replacement is returned
+    assert type(alone) is g3.TriangleMultiplicationIncoming and alone.linear_z.weight is layer.linear_z.weight
+
     params = {id(p) for p in original.parameters()}
     in_place = g3.replace_modules(original)  # in place: the same parameter objects
     assert in_place is original and {id(p) for p in original.parameters()} == params
