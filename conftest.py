@@ -3,6 +3,8 @@
 * GPU tests are marked ``cuda`` automatically (files named ``*_cuda.py`` and tests
   parametrised with ``device="cuda"``) and skipped where no GPU is present, so CI
   runs ``-m "not cuda"`` and a GPU visit runs ``-m cuda``.
+* Without a GPU, ``TRITON_INTERPRET=1`` is set before anything imports genie_tk, so
+  the ``triton`` backend's kernels run under Triton's interpreter on CPU tensors.
 * ``shared_dir`` points at the project's ``../shared`` folder (reference fixtures
   and data) and skips cleanly when it is absent, as on a user's machine. Tests
   that use it are marked ``crosstest`` (``nox -s crosstest`` runs them).
@@ -16,6 +18,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent
+
+
+def _interpret_triton_without_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_gpu()
 
 
 def _shared_dir() -> Path:

@@ -19,11 +19,58 @@ def module():
 
 def test_backends_report():
     info = genie_tk.backends()
-    assert set(info) == {"tk", "torch", "reference"}
+    assert set(info) == {"tk", "triton", "torch", "reference"}
     assert info["torch"]["available"] and info["reference"]["available"]
     if not torch.cuda.is_available():
         assert info["tk"]["available"] is False
         assert isinstance(info["tk"]["reason"], str) and info["tk"]["reason"]
+    # Without a GPU the test session interprets the triton kernels (root conftest.py).
+    assert info["triton"]["available"] is (_backend.HAS_TRITON and (torch.cuda.is_available()
+                                                                  or _backend.triton_interpreted()))
+
+
+def test_triton_reasons(monkeypatch):
+    monkeypatch.setattr(_backend, "HAS_TRITON", False)
+    assert "pip install 'genie-tk[triton]'" in _backend.backends()["triton"]["reason"]
+    monkeypatch.setattr(_backend, "HAS_TRITON", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "TRITON_INTERPRET=1" in _backend.backends()["triton"]["reason"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.backends()["triton"]["reason"] == ""
+
+
+def test_auto_tries_tk_then_triton_then_warns_with_both_reasons(monkeypatch):
+    """auto picks a verified triton kernel when tk cannot run; with neither, the one fallback
+    warning names both reasons."""
+    monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "no tk here")
+    monkeypatch.setattr(_backend, "_triton_unavailable_reason", lambda: "")
+    monkeypatch.setattr(_backend, "HAS_EXTENSION", True)  # CPU tensors then warn
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ran = []
+    verified = _backend.Kernel(check=lambda *a, **k: "", run=lambda *a: ran.append(a) or a[0], verified=True)
+    monkeypatch.setitem(_backend.TRITON_KERNELS, "triangle_attention", verified)
+    q = torch.randn(1, 3, 1, 3, 4)
+    genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3))
+    assert genie_tk.last_backend("triangle_attention") == "triton" and len(ran) == 1
+    unverified = _backend.Kernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
+    monkeypatch.setitem(_backend.TRITON_KERNELS, "triangle_attention", unverified)
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    with pytest.warns(genie_tk.BackendFallbackWarning) as record:
+        genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3))
+    message = str(record[0].message)
+    assert "tk: no tk here" in message and "triton: the triton kernel for triangle_attention has not been verified" in message
+    assert genie_tk.last_backend("triangle_attention") == "torch"
+
+
+def test_triton_by_name_needs_cpu_tensors_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_backend, "_triton_unavailable_reason", lambda: "")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernel = _backend.Kernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
+    monkeypatch.setitem(_backend.TRITON_KERNELS, "triangle_attention", kernel)
+    q = torch.randn(1, 3, 1, 3, 4)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run triangle_attention: inputs are on cpu.*TRITON_INTERPRET=1"):
+        genie_tk.triangle_attention(q, q, q, torch.zeros(1, 1, 3, 3), backend="triton")
 
 
 @pytest.mark.parametrize("name", ["torch", "reference"])
@@ -86,7 +133,7 @@ def test_auto_skips_unverified_tk_kernel(monkeypatch):
     monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "")
     monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
     monkeypatch.setattr(_backend, "_WARNED", set())
-    kernel = _backend.TkKernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
+    kernel = _backend.Kernel(check=lambda *a, **k: "", run=lambda *a: None, verified=False)
     monkeypatch.setitem(_backend.TK_KERNELS, "triangle_attention", kernel)
     q = torch.randn(1, 3, 1, 3, 4)
     with pytest.warns(genie_tk.BackendFallbackWarning, match="not been verified on a GPU"):

@@ -162,7 +162,7 @@ def test_forced_tk_on_cpu_raises_with_reason(module):
 def test_forced_tk_names_the_ineligibility(monkeypatch, module):
     """With a usable tk backend, the op's own check decides (devices first)."""
     monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "")
-    monkeypatch.setitem(_backend.TK_KERNELS, OP, _backend.TkKernel(tk_trimul.check, tk_trimul.run, True))
+    monkeypatch.setitem(_backend.TK_KERNELS, OP, _backend.Kernel(tk_trimul.check, tk_trimul.run, True))
     module.backend = "tk"
     with pytest.raises(RuntimeError, match="inputs are on cpu"):
         module(torch.randn(1, 5, 5, 64, dtype=torch.bfloat16))
@@ -173,7 +173,7 @@ def test_auto_falls_back_once_per_reason(monkeypatch, module, verified):
     monkeypatch.setattr(_backend, "HAS_EXTENSION", True)  # a CPU-only install does not warn at all
     monkeypatch.setattr(_backend, "_tk_unavailable_reason", lambda: "")
     monkeypatch.setattr(_backend, "_WARNED", set())
-    monkeypatch.setitem(_backend.TK_KERNELS, OP, _backend.TkKernel(tk_trimul.check, tk_trimul.run, verified))
+    monkeypatch.setitem(_backend.TK_KERNELS, OP, _backend.Kernel(tk_trimul.check, tk_trimul.run, verified))
     z = torch.randn(1, 5, 5, 64, dtype=torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -5,13 +5,14 @@ Functional API: :func:`triangle_attention`, :func:`triangle_attention_layer`,
 ``state_dict`` keys): ``TriangleMultiplicationOutgoing/Incoming``,
 ``FusedTriangleMultiplicationOutgoing/Incoming``, ``TriangleAttention``,
 ``TriangleAttentionStartingNode``, ``TriangleAttentionEndingNode``.
-Backends: :func:`backends` says what runs here; ``GENIE_TK_BACKEND`` or
-``backend=`` chooses.
+Backends (``tk``, ``triton``, ``torch``, ``reference``): :func:`backends` says what
+runs here; ``GENIE_TK_BACKEND`` or ``backend=`` chooses.
 """
 
 from genie_tk import reference
 from genie_tk import tk_attention as _tk_attention  # noqa: F401  (registers the tk kernels)
 from genie_tk import tk_trimul as _tk_trimul  # noqa: F401  (registers the tk kernels)
+from genie_tk import triton as _triton  # noqa: F401  (registers the triton kernels)
 from genie_tk._backend import BackendFallbackWarning, backends, last_backend
 from genie_tk.modules import (
     FusedTriangleMultiplicationIncoming,

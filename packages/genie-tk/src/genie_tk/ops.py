@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from genie_tk import reference, torch_backend
-from genie_tk._backend import TK_KERNELS, select
+from genie_tk._backend import KERNEL_BACKENDS, kernel, select
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -85,7 +85,7 @@ def triangle_attention(
         scale: factor on ``q``; ``None`` divides by ``sqrt(D)``.
         inf: magnitude of the mask bias (OpenFold: 1e9).
         chunk_size: rows ``i`` per chunk for the torch backend (``None``: automatic).
-        backend: ``"auto"``, ``"tk"``, ``"torch"``, ``"reference"`` or ``None``.
+        backend: ``"auto"``, ``"tk"``, ``"triton"``, ``"torch"``, ``"reference"`` or ``None``.
 
     Returns:
         ``[B, I, H, J, D]`` in the dtype of ``q``.
@@ -109,7 +109,7 @@ def triangle_attention(
         return reference.triangle_attention(q, k, v, bias, mask, scale, inf)
     if name == "torch":
         return torch_backend.TriangleAttentionCore.apply(q, k, v, bias, mask, scale, inf, chunk_size)
-    return TK_KERNELS["triangle_attention"].run(q, k, v, bias, mask, scale, inf)
+    return kernel(name, "triangle_attention").run(q, k, v, bias, mask, scale, inf)
 
 
 def triangle_attention_layer(
@@ -170,8 +170,8 @@ def triangle_attention_layer(
                 "mha.linear_g.bias", "mha.linear_o.weight", "mha.linear_o.bias")
         params = dict(zip(keys, weights))
         return reference.triangle_attention_layer(z, mask, params, n_h, starting, inf, eps, transpose_bias)
-    if name == "tk":
-        return TK_KERNELS["triangle_attention_layer"].run(z, mask, weights, starting, inf, eps, transpose_bias)
+    if name in KERNEL_BACKENDS:
+        return kernel(name, "triangle_attention_layer").run(z, mask, weights, starting, inf, eps, transpose_bias)
     if not starting:
         z = z.transpose(-2, -3)
         mask = None if mask is None else mask.transpose(-1, -2)
@@ -251,8 +251,8 @@ def triangle_multiplicative_update(
                 "linear_ab_g.weight", "linear_ab_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
                 "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias")
         return reference.triangle_multiplicative_update(z, mask, dict(zip(keys, weights)), outgoing, eps)
-    if name == "tk":
-        return TK_KERNELS["triangle_multiplicative_update"].run(z, mask, weights, outgoing, eps)
+    if name in KERNEL_BACKENDS:
+        return kernel(name, "triangle_multiplicative_update").run(z, mask, weights, outgoing, eps)
     lead, n = z.shape[:-3], z.shape[-2]
     zb = z.reshape(-1, n, n, c)
     mb = None if mask is None else mask.reshape(-1, n, n)

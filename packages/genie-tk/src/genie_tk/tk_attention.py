@@ -305,8 +305,8 @@ def _register() -> bool:
         return False
     _define_ops(ext)
     # verified=False until the kernels pass tests/test_tk_attention_cuda.py on a GPU.
-    _backend.register_tk("triangle_attention", _backend.TkKernel(check, run, verified=False))
-    _backend.register_tk("triangle_attention_layer", _backend.TkKernel(check_layer, run_layer, verified=False))
+    _backend.register_tk("triangle_attention", _backend.Kernel(check, run, verified=False))
+    _backend.register_tk("triangle_attention_layer", _backend.Kernel(check_layer, run_layer, verified=False))
     return True
 
 

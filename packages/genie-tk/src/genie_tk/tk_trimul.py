@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genie_tk._backend import _C, HAS_EXTENSION, TkKernel, register_tk
+from genie_tk._backend import _C, HAS_EXTENSION, Kernel, register_tk
 
 OP = "triangle_multiplicative_update"
 SUPPORTED_CHANNELS = (64, 128)
@@ -424,4 +424,4 @@ if HAS_EXTENSION and all(hasattr(_C, name) for name in _KERNELS):
         return (grads[0], None, *grads[1:], None, None)
 
     trimul_fwd.register_autograd(_backward, setup_context=_setup_context)
-    register_tk(OP, TkKernel(check=check, run=run, verified=False))
+    register_tk(OP, Kernel(check=check, run=run, verified=False))
