@@ -33,8 +33,8 @@ import pytest
 import torch
 
 import genie_tk
-from genie_tk import _backend, tk_attention
-from genie_tk.testing import TRI_ATT, build, forward_backward, pair_mask, rel
+from genie_tk import _backend, openfold3, tk_attention
+from genie_tk.testing import TRI_ATT, build, forward_backward, pair_mask, perturbed, rel
 
 ORACLE_INF = 1e30
 FLOOR = 1e-6  # absolute slack for errors that are zero up to rounding (N = 1)
@@ -284,3 +284,32 @@ def test_inputs_the_kernels_do_not_take(monkeypatch, dtype, d, reason):
     assert genie_tk.last_backend("triangle_attention") == "torch"
     if _backend.TK_KERNELS["triangle_attention"].verified:
         assert reason in str(caught[0].message)
+
+
+@pytest.mark.parametrize("transpose_bias", [False, True])
+def test_openfold3_layout_matches_float64_within_twice_pytorch_error(transpose_bias):
+    """genie_tk.openfold3's layer (bias-free linears, ``transpose_bias``) on the kernels."""
+    c, hidden, heads, n = 64, 32, 4, 100
+    torch.manual_seed(n)
+    oracle = perturbed(openfold3.TriangleAttention(c, hidden, heads).double(), n).cuda()
+    oracle.inf, oracle.backend = ORACLE_INF, "torch"
+    z = torch.randn(2, n, n, c, device="cuda", dtype=torch.float64)
+    mask = pair_mask(2, n, 3, 0.1, n).cuda()
+    cotangent = torch.randn_like(z)
+
+    def run(m, dtype):
+        m.zero_grad(set_to_none=True)
+        x = z.detach().to(dtype).requires_grad_(True)
+        out = m(x, mask, transpose_bias=transpose_bias)
+        (out * cotangent.to(dtype)).sum().backward()
+        return [out.detach(), x.grad, *(p.grad for p in m.parameters())]
+
+    want = run(oracle, torch.float64)
+    results = {}
+    for backend in ("torch", "tk"):
+        m = copy.deepcopy(oracle).to(torch.bfloat16)
+        m.inf, m.backend = 1e9, backend
+        results[backend] = run(m, torch.bfloat16)
+    assert genie_tk.last_backend("triangle_attention_layer") == "tk"
+    names = ["out", "dz", *(name for name, _ in oracle.named_parameters())]
+    _compare(results["tk"], results["torch"], want, f"openfold3 transpose_bias={transpose_bias}", names=names)

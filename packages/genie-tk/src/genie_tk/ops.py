@@ -74,6 +74,12 @@ def check_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.devic
     _check_device(device, **{name: mask})
 
 
+def _or_zeros(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """``bias``, or zeros of ``weight``'s output width for a bias-free linear (OpenFold3, Boltz):
+    adding 0 changes no value, so every backend serves both layouts unchanged."""
+    return weight.new_zeros(weight.shape[0]) if bias is None else bias
+
+
 def triangle_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,10 +146,11 @@ def triangle_attention_layer(
     k_weight: torch.Tensor,
     v_weight: torch.Tensor,
     gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor,
+    gate_bias: torch.Tensor | None,
     out_weight: torch.Tensor,
-    out_bias: torch.Tensor,
+    out_bias: torch.Tensor | None,
     starting: bool = True,
+    transpose_bias: bool = False,
     inf: float = 1e9,
     eps: float = 1e-5,
     chunk_size: int | None = None,
@@ -157,9 +164,13 @@ def triangle_attention_layer(
         layer_norm_weight, layer_norm_bias: ``[C]``.
         bias_weight: ``[H, C]`` triangle-bias projection (``linear.weight``).
         q_weight, k_weight, v_weight, gate_weight: ``[H·D, C]`` (``mha.linear_*``);
-            gate_bias ``[H·D]``; out_weight ``[C, H·D]``, out_bias ``[C]``.
+            gate_bias ``[H·D]``; out_weight ``[C, H·D]``, out_bias ``[C]``; a bias
+            may be ``None`` (a bias-free linear, as in OpenFold3 and Boltz).
         starting: ``False`` computes the ending-node attention (Alg. 14): the
             input and mask are transposed on entry and the output on exit.
+        transpose_bias: OpenFold3's switch: the triangle bias of query ``j`` and
+            key ``k`` is projected from pair ``(k, j)`` of the (entry-transposed)
+            input instead of ``(j, k)``.
         chunk_size: rows per chunk (torch backend; ``None``: automatic).
 
     Returns:
@@ -172,6 +183,7 @@ def triangle_attention_layer(
         raise ValueError(f"q_weight has {hd} rows, not a multiple of the {n_h} heads of bias_weight")
     check_mask(mask, z.shape[:-1], z.device)
     inf = check_inf(inf)
+    gate_bias, out_bias = _or_zeros(gate_bias, gate_weight), _or_zeros(out_bias, out_weight)
     weights = (layer_norm_weight, layer_norm_bias, bias_weight, q_weight, k_weight, v_weight,
                gate_weight, gate_bias, out_weight, out_bias)
     _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})
@@ -181,16 +193,16 @@ def triangle_attention_layer(
                 "mha.linear_k.weight", "mha.linear_v.weight", "mha.linear_g.weight",
                 "mha.linear_g.bias", "mha.linear_o.weight", "mha.linear_o.bias")
         params = dict(zip(keys, weights))
-        return reference.triangle_attention_layer(z, mask, params, n_h, starting, inf, eps)
+        return reference.triangle_attention_layer(z, mask, params, n_h, starting, inf, eps, transpose_bias)
     if name in KERNEL_BACKENDS:
-        return kernel(name, "triangle_attention_layer").run(z, mask, weights, starting, inf, eps)
+        return kernel(name, "triangle_attention_layer").run(z, mask, weights, starting, inf, eps, transpose_bias)
     if not starting:
         z = z.transpose(-2, -3)
         mask = None if mask is None else mask.transpose(-1, -2)
     lead, (n, _, _) = z.shape[:-3], z.shape[-3:]
     zb = z.reshape(-1, n, n, c)
     mb = None if mask is None else mask.reshape(-1, n, n)
-    out = torch_backend.TriangleAttentionLayer.apply(zb, mb, *weights, inf, eps, chunk_size)
+    out = torch_backend.TriangleAttentionLayer.apply(zb, mb, *weights, inf, eps, chunk_size, transpose_bias)
     out = out.reshape(*lead, n, n, out.shape[-1])
     return out if starting else out.transpose(-2, -3)
 
@@ -206,15 +218,15 @@ def triangle_multiplicative_update(
     norm_in_weight: torch.Tensor,
     norm_in_bias: torch.Tensor,
     p_in_weight: torch.Tensor,
-    p_in_bias: torch.Tensor,
+    p_in_bias: torch.Tensor | None,
     g_in_weight: torch.Tensor,
-    g_in_bias: torch.Tensor,
+    g_in_bias: torch.Tensor | None,
     norm_out_weight: torch.Tensor,
     norm_out_bias: torch.Tensor,
     p_out_weight: torch.Tensor,
-    p_out_bias: torch.Tensor,
+    p_out_bias: torch.Tensor | None,
     g_out_weight: torch.Tensor,
-    g_out_bias: torch.Tensor,
+    g_out_bias: torch.Tensor | None,
     eps: float = 1e-5,
     chunk_size: int | None = None,
     backend: str | None = None,
@@ -233,6 +245,8 @@ def triangle_multiplicative_update(
             ``[Ch, 2·Ch)`` make ``b``; p_in_bias, g_in_bias ``[2·Ch]``.
         norm_out_weight, norm_out_bias: ``[Ch]``.
         p_out_weight: ``[C, Ch]``; g_out_weight ``[C, C]``; biases ``[C]``.
+            The four projection biases may be ``None`` (bias-free, as in OpenFold3,
+            Boltz and cuEquivariance).
         chunk_size: compute the output in blocks of this many rows (torch backend).
 
     Returns:
@@ -249,6 +263,8 @@ def triangle_multiplicative_update(
     if p_in_weight.shape[0] % 2 or p_in_weight.shape != g_in_weight.shape:
         raise ValueError(f"p_in_weight and g_in_weight must both be [2*c_hidden, {c}], got "
                          f"{tuple(p_in_weight.shape)} and {tuple(g_in_weight.shape)}")
+    p_in_bias, g_in_bias = _or_zeros(p_in_bias, p_in_weight), _or_zeros(g_in_bias, g_in_weight)
+    p_out_bias, g_out_bias = _or_zeros(p_out_bias, p_out_weight), _or_zeros(g_out_bias, g_out_weight)
     weights = (norm_in_weight, norm_in_bias, p_in_weight, p_in_bias, g_in_weight, g_in_bias,
                norm_out_weight, norm_out_bias, p_out_weight, p_out_bias, g_out_weight, g_out_bias)
     _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})

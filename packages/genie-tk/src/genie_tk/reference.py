@@ -79,6 +79,7 @@ def triangle_attention_layer(
     starting: bool = True,
     inf: float = 1e9,
     eps: float = 1e-5,
+    transpose_bias: bool = False,
 ) -> torch.Tensor:
     """OpenFold ``TriangleAttention`` forward from its ``state_dict``.
 
@@ -90,6 +91,8 @@ def triangle_attention_layer(
         no_heads: number of heads ``H``; the head width is ``linear_q`` rows / ``H``.
         starting: ``False`` is the ending-node module: the input and mask are
             transposed on entry and the output on exit.
+        transpose_bias: OpenFold3's switch: the bias of query ``j``, key ``k`` is
+            projected from pair ``(k, j)`` instead of ``(j, k)``.
 
     Returns:
         ``[*, N, N, C]``.
@@ -105,7 +108,8 @@ def triangle_attention_layer(
     mask = mask.reshape(-1, n_i, n_j)
 
     x = _layer_norm(z, params, "layer_norm", eps)
-    bias = _linear(x, params, "linear").permute(0, 3, 1, 2)  # [B, H, J, K]
+    order = (0, 3, 2, 1) if transpose_bias else (0, 3, 1, 2)
+    bias = _linear(x, params, "linear").permute(order)  # [B, H, J, K]
 
     def heads(t: torch.Tensor) -> torch.Tensor:  # [B, I, J, H*D] -> [B, I, H, J, D]
         return t.unflatten(-1, (no_heads, -1)).transpose(-2, -3)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 import genie_tk
+from genie_tk import cuequivariance
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,3 +91,49 @@ def forward_backward(module, z, mask, cotangent):
     out = module(z, mask=mask)
     (out * cotangent).sum().backward()
     return out.detach(), z.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def cuequivariance_stand_in(monkeypatch) -> None:
+    """Make ``cuequivariance_torch`` (and ``cuequivariance_torch.primitives.triangle``)
+    resolve to :mod:`genie_tk.cuequivariance` for the rest of a test (``monkeypatch``
+    is pytest's fixture), so Boltz's and OpenFold3's own cuEquivariance call sites
+    run genie-tk's functional API as they would run the real package's."""
+    for name in ("cuequivariance_torch", "cuequivariance_torch.primitives", "cuequivariance_torch.primitives.triangle"):
+        module = types.ModuleType(name)
+        module.triangle_attention = cuequivariance.triangle_attention
+        module.triangle_multiplicative_update = cuequivariance.triangle_multiplicative_update
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def seed_all(n: int) -> None:
+    """Seed torch and, where installed, numpy (OpenFold3 and Boltz draw their LeCun
+    initialisations with scipy, from numpy's global generator)."""
+    torch.manual_seed(n)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with every project compared against
+        return
+    numpy.random.seed(n)  # noqa: NPY002 (scipy.stats draws from this global generator)
+
+
+def layer_errors(ours, theirs, z, mask, label: str, **kwargs) -> dict[str, float]:
+    """Relative errors of layer ``ours`` against ``theirs`` (same ``state_dict``) on
+    ``layer(z, mask, **kwargs)``: the output (``"out"``), the input gradient (``"dz"``)
+    and every parameter gradient (by name), for one random cotangent; prints the worst."""
+    results, cotangent = [], None
+    for layer in (ours, theirs):
+        layer.zero_grad(set_to_none=True)
+        x = z.detach().clone().requires_grad_(True)
+        out = layer(x, mask, **kwargs)
+        if cotangent is None:
+            cotangent = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(99))
+        (out * cotangent).sum().backward()
+        results.append((out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (o1, dz1, g1), (o2, dz2, g2) = results
+    if g1.keys() != g2.keys():
+        raise AssertionError(f"{label}: parameter names differ: {sorted(g1)} vs {sorted(g2)}")
+    errors = {"out": rel(o1, o2), "dz": rel(dz1, dz2)} | {n: rel(g1[n], g2[n]) for n in g1}
+    worst = max(errors, key=errors.get)
+    print(f"{label}: max abs err out {(o1 - o2).abs().max().item():.2e}; max rel err {errors[worst]:.2e} ({worst}) "
+          f"over out, dz and {len(g1)} parameter gradients")
+    return errors

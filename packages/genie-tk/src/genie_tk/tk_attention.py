@@ -263,7 +263,7 @@ def run(q, k, v, bias, mask, scale, inf):
     return o
 
 
-def run_layer(z, mask, weights, starting, inf, eps):
+def run_layer(z, mask, weights, starting, inf, eps, transpose_bias=False):
     """:func:`genie_tk.triangle_attention_layer` with the attention core on the kernels.
 
     LayerNorm, the q/k/v/gate and triangle-bias projections, the gate and the
@@ -285,7 +285,7 @@ def run_layer(z, mask, weights, starting, inf, eps):
     # One GEMM for all five projections: x is read once and its gradient comes
     # out of one GEMM instead of a sum of two.
     proj = F.linear(x, torch.cat([w_q, w_k, w_v, w_g, w_bias]))
-    bias = proj[..., 4 * hd:].permute(0, 3, 1, 2)  # [B, H, J, K]
+    bias = proj[..., 4 * hd:].permute((0, 3, 2, 1) if transpose_bias else (0, 3, 1, 2))  # [B, H, J, K]
     q, k, v, g = torch_backend._heads_split(proj[..., : 4 * hd], n_h, hd)
     o = torch_backend._merge_heads(run(q, k, v, bias, mask, None, inf))
     out = F.linear(o * torch.sigmoid(g + b_g), w_o, b_o).reshape(*lead, n, n, -1)

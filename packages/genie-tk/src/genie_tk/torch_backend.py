@@ -143,17 +143,18 @@ class TriangleAttentionLayer(torch.autograd.Function):
     """OpenFold ``TriangleAttention`` (starting-node layout) as one memory-efficient node.
 
     Input ``z`` is ``[B, I, J, C]`` (the caller transposes for the ending node),
-    ``mask`` ``[B, I, J]`` or ``None``. Parameters in OpenFold's layout.
+    ``mask`` ``[B, I, J]`` or ``None``. Parameters in OpenFold's layout;
+    ``transpose_bias`` is OpenFold3's (the bias of ``(j, k)`` read from pair ``(k, j)``).
     """
 
     @staticmethod
     def forward(ctx, z, mask, ln_w, ln_b, w_bias, w_q, w_k, w_v, w_g, b_g, w_o, b_o, inf, eps,
-                chunk_size):
+                chunk_size, transpose_bias=False):
         b, n_i, n_j, _ = z.shape
         n_h, hd = w_bias.shape[0], w_q.shape[0]
         w_in = torch.cat([w_q, w_k, w_v, w_g])
         step = row_chunk(n_i, b * n_h * n_j * n_j, chunk_size)
-        bias = _triangle_bias(z, ln_w, ln_b, w_bias, eps, step)
+        bias = _triangle_bias(z, ln_w, ln_b, w_bias, eps, step, transpose_bias)
         mb = _mask_bias(mask, inf, acc_dtype(z.dtype))
         out = z.new_empty((*z.shape[:-1], w_o.shape[0]))
         stats = z.new_empty((b, n_i, n_h, n_j, 2), dtype=acc_dtype(z.dtype))
@@ -166,7 +167,7 @@ class TriangleAttentionLayer(torch.autograd.Function):
             o = _merge_heads(o)
             out[:, i0:i1] = F.linear(o * torch.sigmoid(g + b_g), w_o, b_o)
         ctx.save_for_backward(z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias, stats)
-        ctx.eps, ctx.step, ctx.hd = eps, step, hd
+        ctx.eps, ctx.step, ctx.hd, ctx.transpose_bias = eps, step, hd, transpose_bias
         return out
 
     @staticmethod
@@ -207,6 +208,8 @@ class TriangleAttentionLayer(torch.autograd.Function):
             d_ln_w += dw
             d_ln_b += dbb
         # The triangle bias reads every pair: its gradient is complete only now.
+        if ctx.transpose_bias:
+            d_bias = d_bias.transpose(-1, -2)
         d_w_bias = torch.zeros_like(w_bias, dtype=acc)
         for j0, j1 in _spans(z.shape[1], ctx.step):
             zc = z[:, j0:j1]
@@ -221,16 +224,20 @@ class TriangleAttentionLayer(torch.autograd.Function):
         grads = (d_ln_w, d_ln_b, d_w_bias, d_w_q, d_w_k, d_w_v, d_w_g, d_b_g, d_w_o, d_b_o)
         like = (ln_w, ln_b, w_bias, w_in, w_in, w_in, w_in, b_g, w_o, w_o)
         grads = tuple(gr.to(ref.dtype) for gr, ref in zip(grads, like))
-        return (dz, None, *grads, None, None, None)
+        return (dz, None, *grads, None, None, None, None)
 
 
-def _triangle_bias(z, ln_w, ln_b, w_bias, eps, step):
-    """``[B, H, J, K]`` triangle bias ``LN(z) W_biasᵀ``, computed row chunk by row chunk."""
+def _triangle_bias(z, ln_w, ln_b, w_bias, eps, step, transpose=False):
+    """``[B, H, J, K]`` triangle bias ``LN(z) W_biasᵀ`` (its ``J, K`` transpose with
+    ``transpose``), computed row chunk by row chunk."""
     b, n_j, n_k, _ = z.shape
     bias = z.new_empty((b, w_bias.shape[0], n_j, n_k))
     for j0, j1 in _spans(n_j, step):
         x = F.layer_norm(z[:, j0:j1], z.shape[-1:], ln_w, ln_b, eps)
-        bias[:, :, j0:j1] = (x @ w_bias.T).permute(0, 3, 1, 2)
+        if transpose:
+            bias[:, :, :, j0:j1] = (x @ w_bias.T).permute(0, 3, 2, 1)
+        else:
+            bias[:, :, j0:j1] = (x @ w_bias.T).permute(0, 3, 1, 2)
     return bias
 
 
