@@ -173,19 +173,19 @@ def approximate_pair_stack(model, s: torch.Tensor, x: torch.Tensor, mask: torch.
         sparse = SparsePair(sparse_pair_features(model.pair_feature_net, s, x, graph), graph)
     factor_calls = model.factor_transform_net.calls() if model.factor_transform_net is not None else []
     sparse_calls = model.pair_transform_net.calls() if sparse is not None and model.pair_transform_net else []
-    chunk = model.pair_transform_net.chunk_size if model.pair_transform_net is not None else None
+    chunks = (model.memory.sparse_chunk_size, model.memory.pair_transition_chunk_size)
     for index in range(max(len(factor_calls), len(sparse_calls))):
         layers = (factor_calls[index] if factor_calls else None, sparse_calls[index] if sparse_calls else None)
         if index < checkpoint_layers and torch.is_grad_enabled():
-            factors, sparse = checkpoint(_layer_step, *layers, factors, sparse, mask, chunk, use_reentrant=False)
+            factors, sparse = checkpoint(_layer_step, *layers, factors, sparse, mask, chunks, use_reentrant=False)
         else:
-            factors, sparse = _layer_step(*layers, factors, sparse, mask, chunk)
+            factors, sparse = _layer_step(*layers, factors, sparse, mask, chunks)
     if factors is not None and sparse is not None:
         return HybridPair(factors, sparse)
     return factors if factors is not None else sparse
 
 
-def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
+def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunks=("auto", None)):
     """One pair layer of an approximate mode. In ``factorized+sparse`` the sparse layer acts on
     the whole pair at its edges (low-rank part + sparse part) and the sparse part keeps what
     the low-rank part, updated by the factorized layer, does not hold."""
@@ -195,7 +195,7 @@ def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
         values = sparse.values
         if factors is not None:
             values = values + factors_at_edges(factors, graph.index) * edges
-        values = sparse_pair_layer(sparse_layer, SparsePair(values, graph), chunk_size=chunk).values
+        values = sparse_pair_layer(sparse_layer, SparsePair(values, graph), *chunks).values
         if factors is not None and factor_layer is not None:
             factors = factor_layer(factors, mask)
         if factors is not None:
