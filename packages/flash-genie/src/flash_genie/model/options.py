@@ -86,12 +86,12 @@ class MemoryOptions:
     def for_approximate_pairs(self, explicit: Iterable[str] = ()) -> MemoryOptions:
         """The options an approximate pair mode (factorized, sparse or both) runs with: IPA in
         ``auto`` chunks and every layer checkpointed, each unless its config key is in
-        ``explicit`` (the keys the user set; ``activationCheckpointing auto`` hands the choice
-        to the planner, which models these modes). Without chunked IPA its
+        ``explicit`` (the keys the user set; the planner does not model these modes, so
+        ``activationCheckpointing auto`` also checkpoints every layer in them). Without chunked IPA its
         ``[B, N, N, H, 3·Pq]`` point differences make the step quadratic; without
-        checkpointing the step is linear but each layer keeps its internals (the factorized
-        layer about 32 KiB per residue at Genie's widths, the sparse one ``O(k·C)`` values per
-        residue several times over), several times the checkpointed peak."""
+        checkpointing the step is linear but each layer keeps its internals (``O(r²·C)``
+        values per residue in the factorized layer, ``O(k·C)`` several times over in the sparse
+        one), several times the checkpointed peak."""
         changes = {}
         if "ipaChunkSize" not in explicit and self.ipa_chunk_size is None:
             changes["ipa_chunk_size"] = "auto"
