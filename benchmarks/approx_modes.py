@@ -8,7 +8,8 @@ Two measurements:
    ``torch`` backend, chunked IPA and pair transition, in-place residuals, every layer
    checkpointed): the linear modes (factorized rank 2, sparse k = 32, both together as in
    the ``ultra_long_training`` config) at L = 512, 1024, 2048; the quadratic ones (the exact
-   dense model, axial attention) at L = 256, 512, 1024, as far as the machine holds them.
+   dense model without and with triangle attention, axial attention in place of triangle
+   attention) at L = 256, 512, 1024, as far as the machine holds them.
    Every figure comes from a fresh process (resident-set growth with the high-water mark
    reset, glibc's mmap threshold fixed at 128 KiB so freed buffers go back to the system:
    the method of ``benchmarks/model_memory.py``) plus the tensor-level peak
@@ -20,8 +21,15 @@ Two measurements:
 
 Plus the parameter count and state-dict size of each mode (layer sharing included).
 
-    python benchmarks/approx_modes.py            # everything (about 30 minutes on 2 cores)
-    python benchmarks/approx_modes.py --quick    # small lengths, a minute
+    python benchmarks/approx_modes.py            # everything (hours on one loaded CPU thread)
+    python benchmarks/approx_modes.py --quick    # small lengths, a few minutes
+    python benchmarks/approx_modes.py --modes "long_sequence_training (as written)" --no-attention
+
+The seed configurations of the README (``long_sequence_training``, ``ultra_long_training``) get
+rows *as written*: their own batch size, loss options and the memory defaults of the approximate
+modes (chunked IPA, every layer checkpointed), nothing added, at the linear modes' lengths. The
+dense model is measured without and with triangle attention; axial attention replaces triangle
+attention in the latter (the model it approximates).
 
 Files: ``benchmarks/results/approx_modes_cpu_<date>[_quick].{json,md}``.
 """
@@ -46,7 +54,7 @@ from genie_bench import memory, results  # noqa: E402
 from model_memory import MMAP_ENV, _environment, _inputs, source  # noqa: E402  (the same method)
 
 from flash_genie import Config, Denoiser  # noqa: E402
-from flash_genie.diffusion import make_schedule, training_loss  # noqa: E402
+from flash_genie.diffusion import loss_options, make_schedule, training_loss  # noqa: E402
 from flash_genie.memtrack import TensorMemoryTracker  # noqa: E402
 from flash_genie.model.approx import parameter_report  # noqa: E402
 from flash_genie.model.options import MemoryOptions  # noqa: E402
@@ -54,9 +62,20 @@ from flash_genie.model.options import MemoryOptions  # noqa: E402
 SCHEMA = "flash-genie-approx-modes/1"
 MIB = 2**20
 CHUNK = 64
+#: The two user configurations of the README, as written (their batch sizes and memory defaults).
+SEED_CONFIGS = {
+    "long_sequence_training": "batchSize 2\nmaximumNumResidues 1024\nsingleFeatureDimension 128\n"
+                              "pairFeatureDimension 128\nzFactorRank 2\nlearningRate 2e-4\nwarmupEpochs 100\n"
+                              "gradientClipVal 1.0\n",
+    "ultra_long_training": "batchSize 1\nmaximumNumResidues 4096\nzFactorRank 2\nuseSparseKNN True\n"
+                           "kNeighbors 32\nuseProgressiveTraining True\nuseChunkedLoss True\n"
+                           "useModelCompression True\ncompressionStrategy universal\n",
+}
 MODES = {
     "dense (exact)": {},
-    "axial attention": {"useAxialAttention": True},
+    "dense + triangle attention": {"includeTriangularAttention": True},
+    # Axial attention in place of triangle attention: the model it approximates is the row above.
+    "axial attention": {"useAxialAttention": True, "includeTriangularAttention": True},
     "factorized r=2": {"zFactorRank": 2},
     "sparse k=32": {"useSparseKNN": True, "kNeighbors": 32},
     "factorized r=2 + sparse k=32": {"zFactorRank": 2, "useSparseKNN": True, "kNeighbors": 32},
@@ -65,10 +84,14 @@ MODES = {
                             "useModelCompression": True, "compressionStrategy": "universal"},
 }
 LINEAR = ("factorized r=2", "sparse k=32", "factorized r=2 + sparse k=32")
-QUADRATIC = ("dense (exact)", "axial attention")
+QUADRATIC = ("dense (exact)", "dense + triangle attention", "axial attention")
+AS_WRITTEN = " (as written)"
 
 
 def mode_config(name: str, length: int, small: bool = False) -> Config:
+    if name.endswith(AS_WRITTEN):
+        config = Config.from_text(SEED_CONFIGS[name[: -len(AS_WRITTEN)]], source=f"<{name}>")
+        return config.replace(maximumNumResidues=length)
     keys = {"maximumNumResidues": length, **MODES[name]}
     if small:  # --quick: a small architecture
         keys.update(singleFeatureDimension=32, pairFeatureDimension=16, numPairTransformLayers=2,
@@ -84,22 +107,29 @@ def options() -> MemoryOptions:
 # -- child: one training-step measurement ------------------------------------------------
 def child_step(name: str, length: int, small: bool) -> dict:
     torch.manual_seed(0)
-    model = Denoiser.from_config(mode_config(name, length, small)).set_memory_options(options()).train()
+    config = mode_config(name, length, small)
+    model = Denoiser.from_config(config).train()
+    batch, extra = 1, {}
+    if name.endswith(AS_WRITTEN):  # the config's own batch, memory defaults and loss
+        batch, extra = config["batchSize"], loss_options(config)
+    else:
+        model.set_memory_options(options())
     schedule = make_schedule(1000, "cosine")
 
     def step(x0, mask, noise, timesteps):
-        training_loss(model, x0, mask, schedule, timesteps=timesteps, noise=noise).backward()
+        training_loss(model, x0, mask, schedule, timesteps=timesteps, noise=noise, **extra).backward()
 
-    step(*_inputs(16, 1, seed=1))  # warm-up: code paths, threads, gradient buffers
+    step(*_inputs(16, batch, seed=1))  # warm-up: code paths, threads, gradient buffers
     model.zero_grad(set_to_none=True)
-    inputs = _inputs(length, 1)
+    inputs = _inputs(length, batch)
     t0 = time.perf_counter()
     rss = memory.peak_mib(lambda: step(*inputs), torch.device("cpu"))
     seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     with TensorMemoryTracker() as tracker:
         step(*inputs)
-    return {"peak_rss_mib": rss, "peak_tensor_mib": tracker.peak / MIB, "step_s": seconds}
+    return {"peak_rss_mib": rss, "peak_tensor_mib": tracker.peak / MIB, "step_s": seconds, "batch": batch,
+            "memory_options": {k: v for k, v in vars(model.memory).items()}}
 
 
 # -- child: axial against triangle attention ------------------------------------------------
@@ -171,8 +201,15 @@ def run(args) -> dict:
             handle.write(json.dumps(row) + "\n")
         return row
 
+    seeds = [name + AS_WRITTEN for name in SEED_CONFIGS]
+    plan = [*((m, linear_lengths) for m in (*seeds, *LINEAR)), *((m, quadratic_lengths) for m in QUADRATIC)]
+    if args.modes:
+        unknown = set(args.modes) - {m for m, _ in plan}
+        if unknown:
+            raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {[m for m, _ in plan]}")
+        plan = [(m, lengths) for m, lengths in plan if m in args.modes]
     steps = []
-    for name, lengths in [*((m, linear_lengths) for m in LINEAR), *((m, quadratic_lengths) for m in QUADRATIC)]:
+    for name, lengths in plan:
         for length in lengths:
             print(f"training step: {name!r} at L={length} ...", flush=True)
             row = measure((name, length), lambda name=name, length=length: {
@@ -181,7 +218,7 @@ def run(args) -> dict:
             if row["status"] != "ok":
                 break  # longer chains will not fit either
     attention = []
-    for kind in ("triangle", "axial"):
+    for kind in ("triangle", "axial") if not args.no_attention else ():
         for n in attention_n:
             attention.append(measure((kind, n), lambda kind=kind, n=n: {
                 "module": kind, "n": n, **_child(["--child-attention", kind, "--length", str(n)])}))
@@ -192,6 +229,7 @@ def run(args) -> dict:
         parameters[name] = parameter_report(model)
     return {"schema": SCHEMA, "environment": _environment(source()),
             "config": {"architecture": "small (--quick)" if args.quick else "Genie defaults", "batch": 1,
+                       "command": " ".join(["python benchmarks/approx_modes.py", *(args.argv or [])]),
                        "dtype": "float32", "memory_options": {k: v for k, v in vars(options()).items()},
                        "malloc_env": MMAP_ENV},
             "training_step": steps, "attention": attention, "parameters": parameters,
@@ -225,16 +263,19 @@ def markdown(doc: dict) -> str:
     env = doc["environment"]
     lines = [f"### Approximate modes: {env['device'].get('name', 'CPU')} "
              f"(torch {env.get('torch')}, commit {env['commit'].get('hash', '?')[:10]})", "",
-             f"One training step (forward + backward), B=1, float32, {doc['config']['architecture']}; every mode "
-             "with the exact memory options (genie-tk torch backend, chunked IPA and transition, every layer "
-             "checkpointed). Peak = resident-set growth of a fresh process (tensor-level peak in brackets).", "",
-             "| mode | L | peak MiB | step s |", "|---|---:|---:|---:|"]
+             f"`{doc['config'].get('command', 'python benchmarks/approx_modes.py')}`", "",
+             f"One training step (forward + backward), float32, {doc['config']['architecture']}. The seed "
+             "configurations *(as written)* run as a user runs them: their own batch size, loss and memory "
+             "defaults, nothing added. Every other mode runs at B=1 with the exact memory options on top "
+             "(genie-tk torch backend, IPA and transition in chunks of 64 rows, every layer checkpointed). "
+             "Peak = resident-set growth of a fresh process (tensor-level peak in brackets).", "",
+             "| mode | B | L | peak MiB | step s |", "|---|---:|---:|---:|---:|"]
     for r in doc["training_step"]:
         if r["status"] == "ok":
-            lines.append(f"| {r['mode']} | {r['length']} | {_fmt(r['peak_rss_mib'])} "
+            lines.append(f"| {r['mode']} | {r.get('batch', 1)} | {r['length']} | {_fmt(r['peak_rss_mib'])} "
                          f"({_fmt(r['peak_tensor_mib'])}) | {_fmt(r['step_s'], 1)} |")
         else:
-            lines.append(f"| {r['mode']} | {r['length']} | failed: {r['reason'].splitlines()[-1][:80]} | — |")
+            lines.append(f"| {r['mode']} | | {r['length']} | failed: {r['reason'].splitlines()[-1][:80]} | — |")
     lines += ["", "Growth exponent fitted on log(peak) against log(L) (1 = linear, 2 = quadratic):", "",
               "| mode | lengths | peak (RSS) | peak (tensors) | time |", "|---|---|---:|---:|---:|"]
     for mode, e in doc["summary"]["training_step_exponent"].items():
@@ -261,11 +302,14 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-lengths", type=int, nargs="+", help="lengths of the linear modes (512 1024 2048)")
     ap.add_argument("--quadratic-lengths", type=int, nargs="+", help="lengths of the quadratic ones (256 512 1024)")
     ap.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run's journal")
+    ap.add_argument("--modes", nargs="+", help="only these training-step rows (names as in the table)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the axial-against-triangle module rows")
     ap.add_argument("--child-step", help=argparse.SUPPRESS)
     ap.add_argument("--child-attention", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.child_step:
         print(json.dumps(child_step(args.child_step, args.length, args.small)))
         return 0

@@ -29,11 +29,16 @@ def test_fit_exponent_recovers_power_laws():
     assert bench.fit_exponent([512], [1.0]) is None
 
 
-@pytest.mark.parametrize("mode", ["factorized r=2 + sparse k=32", "axial attention"])
+@pytest.mark.parametrize("mode", ["factorized r=2 + sparse k=32", "axial attention",
+                                  "ultra_long_training (as written)"])
 def test_training_step_child(mode):
     bench = _load("approx_modes")
     row = bench.child_step(mode, 24, small=True)
     assert row["peak_tensor_mib"] > 0 and row["step_s"] > 0
+    if mode.endswith("(as written)"):  # the config's own memory defaults, nothing added
+        assert row["memory_options"]["ipa_chunk_size"] == "auto" and row["memory_options"]["checkpointing"] == "all"
+    else:
+        assert row["memory_options"]["ipa_chunk_size"] == 64
 
 
 def test_quality_run_and_table(tmp_path):

@@ -124,3 +124,16 @@ def test_plan_command(capsys):
     assert "Genie: everything off, fp32" in out and "proposed:" in out and "pairTransitionChunkSize" in out
     assert main(["plan", "--length", "8192", "--memory", "8GiB"]) == 1
     assert "nothing fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keys", ["zFactorRank 2", "useSparseKNN True", "useAxialAttention True"])
+def test_plan_command_refuses_what_it_does_not_model(keys, tmp_path, capsys):
+    path = tmp_path / "approx.config"
+    path.write_text(f"name approx\n{keys}\n")
+    assert main(["plan", "--length", "4096", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "not this approximate mode" in captured.err and "proposed" not in captured.out
+    # Layer sharing is planned (it changes the weights only, which the parameter count carries).
+    path.write_text("name shared\nuseModelCompression True\n")
+    assert main(["plan", "--length", "1024", "--config", str(path)]) == 0
+    assert "proposed:" in capsys.readouterr().out

@@ -176,6 +176,14 @@ def _plan(args) -> int:
     config = Config.from_file(args.config) if args.config else Config()
     with torch.device("meta"):  # shapes only: no weights are allocated
         model = Denoiser.from_config(config)
+    if model.approx.pair_mode != "dense" or model.approx.axial_attention:
+        # The planner's counts are those of the dense pair stack (layer sharing changes only the
+        # weights, which the parameter count below carries); planning this config as dense would
+        # be wrong by orders of magnitude.
+        print(f"{config['name'] or config.source}: {model.approx.describe()}: the planner models the dense "
+              "pair stack (and layer sharing) only, not this approximate mode; measure its training step "
+              "with benchmarks/approx_modes.py instead", file=sys.stderr)
+        return 2
     parameters = sum(p.numel() for p in model.parameters())
     budget = parse_bytes(args.memory)
     candidates, chosen = plan(model.dims, parameters, args.length, args.batch, budget, precision=args.precision,

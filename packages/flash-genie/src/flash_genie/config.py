@@ -50,6 +50,15 @@ def _int(text: str) -> int:
         raise ValueError("expected an integer") from None
 
 
+def _int_or_auto(text: str) -> int | str:
+    if str(text) == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer or auto") from None
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -214,9 +223,11 @@ KEYS: tuple[Key, ...] = (
     _k("activationCheckpointing", "memory", "checkpointing", "none",
        _choice("none", "auto", "all"), "checkpointing policy"),
     _k("memoryBudget", "memory", "memory_budget", 0, parse_bytes, "size"),
-    _k("ipaChunkSize", "memory", "ipa_chunk_size", 0, _int, "integer", *_NONNEG),
+    _k("ipaChunkSize", "memory", "ipa_chunk_size", 0, _int_or_auto, "integer or auto",
+       lambda v: v == "auto" or v >= 0, "must be >= 0 or auto"),
     _k("pairTransitionChunkSize", "memory", "pair_transition_chunk_size", 0, _int, "integer", *_NONNEG),
     _k("triangleAttentionChunkSize", "memory", "triangle_attention_chunk_size", 0, _int, "integer", *_NONNEG),
+    _k("sparseChunkSize", "memory", "sparse_chunk_size", 0, _int, "integer", *_NONNEG),
     _k("inplaceResidual", "memory", "inplace", False, _bool, "boolean"),
     _k("lossChunkSize", "memory", "loss_chunk_size", 0, _int, "integer", *_NONNEG),
     # flash-genie's long-chain training options: section "longseq"
@@ -457,6 +468,6 @@ def _has_type(key: Key, value: Any) -> bool:
     if value is None:
         return key.default is None
     expected = {"integer": int, "number": (int, float), "boolean": bool, "comma-separated list": list,
-                "size": int, "length curriculum": list}
+                "size": int, "length curriculum": list, "integer or auto": (int, str)}
     kind = expected.get(key.kind, str)
     return isinstance(value, kind) and (key.kind == "boolean" or not isinstance(value, bool))

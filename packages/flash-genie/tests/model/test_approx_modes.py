@@ -1,14 +1,37 @@
-"""The approximate modes' configuration keys, axial attention and layer sharing."""
+"""The approximate modes: configuration keys, axial attention, layer sharing; the hybrid layer
+step's semantics, SE(3) equivariance of the structure-aware factorized mode, the defaults that
+keep memory linear, and training (kill and resume) and sampling in every mode."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from flash_genie import Config, Denoiser
 from flash_genie.config import ConfigError
-from flash_genie.model.approx import Approximations, parameter_report
+from flash_genie.diffusion import make_schedule, sample, training_loss
+from flash_genie.memtrack import TensorMemoryTracker
+from flash_genie.model import chunking
+from flash_genie.model.approx import (
+    Approximations,
+    _layer_step,
+    approximate_pair_stack,
+    factors_at_edges,
+    parameter_report,
+)
 from flash_genie.model.axial import AxialAttention
+from flash_genie.model.factorized import FactorizedPairTransformLayer, FactorPair
+from flash_genie.model.pair_stack import PairTransformLayer
+from flash_genie.model.sparse import (
+    SparsePair,
+    build_graph,
+    gather_pairs,
+    scatter_pairs,
+    sparse_pair_layer,
+)
+from flash_genie.training import Trainer
 from genie_tk import TriangleAttentionEndingNode, TriangleAttentionStartingNode
 
 LONG_SEQUENCE_TRAINING = """\
@@ -283,3 +306,210 @@ def test_user_configs_start_training_at_reduced_length(text, tmp_path):
     else:
         assert approx.pair_mode == "factorized" and lengths == [40, 40, 40]
         assert trainer.model.pair_transform_net is None and len(trainer.model.factor_transform_net.net) == 5
+
+
+# == the approximate modes as a model ==========================================================
+MODES = {
+    "factorized": {"zFactorRank": 2},
+    "sparse": {"useSparseKNN": True, "kNeighbors": 6},
+    "hybrid": {"zFactorRank": 2, "useSparseKNN": True, "kNeighbors": 6},
+    "axial": {"useAxialAttention": True, "includeTriangularAttention": True},
+    "sharing": {"useModelCompression": True, "compressionStrategy": "universal"},
+}
+
+
+def _chain(batch, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    return torch.cumsum(3.8 * steps / steps.norm(dim=-1, keepdim=True), dim=1)
+
+
+def _mask(lengths, n):
+    return (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).double()
+
+
+# -- the hybrid (factorized + sparse) layer step ---------------------------------------------
+def _hybrid_inputs(n=9, k=None, rank=2, c=6, seed=0):
+    torch.manual_seed(seed)
+    mask = _mask([n, n - 3], n)
+    x = _chain(2, n, seed)
+    graph = build_graph(x, mask, k or n, "hybrid")
+    left, right = (torch.randn(2, n, rank, c, dtype=torch.float64) * mask[..., None, None] for _ in range(2))
+    values = torch.randn(2, n, graph.k, c, dtype=torch.float64) * graph.valid[..., None]
+    sparse_layer = _randomize(PairTransformLayer(c, include_mul_update=True, include_tri_att=True, c_hidden_mul=5,
+                                                 c_hidden_tri_att=3, n_head_tri=2, tri_dropout=0.0,
+                                                 pair_transition_n=2).double(), seed=seed + 1).eval()
+    factor_layer = _randomize(FactorizedPairTransformLayer(c, rank, 5, 2, 0.0).double(), seed=seed + 2).eval()
+    return mask, graph, FactorPair(left, right), SparsePair(values, graph), factor_layer, sparse_layer
+
+
+def test_hybrid_step_with_every_neighbour_is_the_dense_layer_on_the_whole_pair():
+    """k >= N: the sparse part lives on every pair, so the layer step is Genie's dense layer on
+    z = factors + sparse, and afterwards factors + sparse hold exactly that layer's output
+    (the low-rank part carrying the factorized layer's update, the sparse part the rest)."""
+    mask, _graph, factors, sparse, factor_layer, sparse_layer = _hybrid_inputs()
+    new_factors, new_sparse = _layer_step(factor_layer, sparse_layer, factors, sparse, mask)
+    z = factors.materialize() + scatter_pairs(sparse)
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    dense = sparse_layer(z, pair_mask)
+    got = new_factors.materialize() + scatter_pairs(new_sparse)
+    real = pair_mask.bool()
+    err = (got - dense)[real].abs().max().item()
+    print(f"hybrid step vs dense layer on the whole pair: max |Δ| = {err:.3e}")
+    assert err < 1e-11
+    # The factors are the factorized layer's output, untouched by the sparse part.
+    want = factor_layer(factors, mask)
+    for a, b in zip(new_factors, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_hybrid_step_with_zero_factors_is_the_sparse_layer():
+    """A zero low-rank part stays zero (a fresh factor layer's output projections are zero and
+    its LayerNorms see zeros) and the step reduces to the sparse layer on the graph."""
+    mask, _graph, _, sparse, _, sparse_layer = _hybrid_inputs(k=4)
+    zeros = FactorPair(*(torch.zeros(2, 9, 2, 6, dtype=torch.float64) for _ in range(2)))
+    fresh = FactorizedPairTransformLayer(6, 2, 5, 2, 0.0).double().eval()  # output layers zero at init
+    new_factors, new_sparse = _layer_step(fresh, sparse_layer, zeros, sparse, mask)
+    assert max(t.abs().max().item() for t in new_factors) == 0
+    want = sparse_pair_layer(sparse_layer, sparse)
+    torch.testing.assert_close(new_sparse.values, want.values, rtol=1e-12, atol=1e-12)
+
+
+def test_hybrid_step_is_equivariant_to_the_residue_order():
+    """Permuting the residues (factors, graph rows and neighbour indices together) permutes
+    the result: the layer step has no notion of sequence order (it enters through the
+    features and the graph only)."""
+    mask, graph, factors, _sparse, factor_layer, sparse_layer = _hybrid_inputs(n=9, k=5)
+    mask = torch.ones_like(mask)  # a permutation of a prefix mask is not a prefix mask
+    x = _chain(2, 9, 3)
+    graph = build_graph(x, mask, 5, "coordinates")
+    values = torch.randn(2, 9, 5, 6, dtype=torch.float64) * graph.valid[..., None]
+    new_factors, new_sparse = _layer_step(factor_layer, sparse_layer, factors, SparsePair(values, graph), mask)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(4))
+    dense_values = scatter_pairs(SparsePair(values, graph))[:, perm][:, :, perm]
+    p_graph = build_graph(x[:, perm], mask, 5, "coordinates")
+    p_values = gather_pairs(dense_values, p_graph)
+    p_factors = FactorPair(factors.left[:, perm], factors.right[:, perm])
+    out_factors, out_sparse = _layer_step(factor_layer, sparse_layer, p_factors, SparsePair(p_values, p_graph), mask)
+    for a, b in zip(out_factors, new_factors, strict=True):
+        torch.testing.assert_close(a, b[:, perm], rtol=1e-12, atol=1e-12)
+    want = scatter_pairs(new_sparse)[:, perm][:, :, perm]
+    torch.testing.assert_close(scatter_pairs(out_sparse), want, rtol=1e-11, atol=1e-11)
+
+
+def test_factors_at_edges_reads_the_materialised_low_rank_pair():
+    _, graph, factors, *_ = _hybrid_inputs(k=4)
+    dense = factors.materialize()
+    want = gather_pairs(dense, graph)
+    torch.testing.assert_close(factors_at_edges(factors, graph.index) * graph.valid[..., None], want,
+                               rtol=1e-12, atol=1e-12)
+
+
+# -- the structure-aware factorized mode -------------------------------------------------------
+def _rotation(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+@pytest.mark.parametrize("mode", ["factorized", "hybrid"])
+def test_pair_stack_sees_the_structure_and_noise_is_equivariant(mode):
+    model = _randomize(Denoiser.from_config(TINY.replace(**MODES[mode])).double(), seed=7).eval()
+    mask = _mask([12, 9], 12)
+    x, other = _chain(2, 12, 1) * mask[..., None], _chain(2, 12, 2) * mask[..., None]
+    t = torch.tensor([3, 70])
+    s = model.single_feature_net(t, mask)
+    a = approximate_pair_stack(model, s, x, mask)
+    b = approximate_pair_stack(model, s, other, mask)
+    factors_a, factors_b = (p.factors if mode == "hybrid" else p for p in (a, b))
+    real = (mask[:, :, None] * mask[:, None, :]).bool()
+    diff = (factors_a.materialize() - factors_b.materialize())[real].abs().max().item()
+    print(f"{mode}: pair stacks of two structures differ by {diff:.3e}")
+    assert diff > 1e-3
+    # Rotating and translating the input rotates the predicted noise with it.
+    rot, shift = _rotation(5), torch.tensor([4.0, -7.0, 2.5], dtype=torch.float64)
+    eps = model.predict_noise(x, t, mask)
+    moved = model.predict_noise((x @ rot.T + shift) * mask[..., None], t, mask)
+    err = (moved - eps @ rot.T)[mask.bool()].abs().max().item()
+    print(f"{mode}: equivariance error {err:.3e} (max |eps| {eps.abs().max().item():.3e})")
+    assert err < 1e-9
+
+
+# -- linear memory by default --------------------------------------------------------------------
+REDUCED = {"singleFeatureDimension": 16, "pairFeatureDimension": 16, "positionalEmbeddingDimension": 16,
+           "timestepEmbeddingDimension": 16, "triangularMultiplicativeHiddenDimension": 16,
+           "numPairTransformLayers": 2, "numStructureLayers": 2, "ipaNumHeads": 4, "kNeighbors": 8}
+
+
+def _step_peak(config: Config, length: int) -> int:
+    torch.manual_seed(0)
+    model = Denoiser.from_config(config.replace(maximumNumResidues=length)).train()
+    x0 = _chain(config["batchSize"], length).float()
+    x0 = x0 - x0.mean(dim=1, keepdim=True)
+    mask = torch.ones(config["batchSize"], length)
+    schedule = make_schedule(config["numTimesteps"], "cosine")
+    with TensorMemoryTracker() as tracker:
+        training_loss(model, x0, mask, schedule, timesteps=torch.full((x0.shape[0],), 50)).backward()
+    return tracker.peak
+
+
+@pytest.mark.parametrize("text", [LONG_SEQUENCE_TRAINING, ULTRA_LONG_TRAINING], ids=["long", "ultra"])
+def test_user_configs_get_linear_memory_by_default(text, monkeypatch):
+    config = Config.from_text(text)
+    model = Denoiser.from_config(config)
+    memory = model.memory
+    assert (memory.ipa_chunk_size, memory.checkpointing, memory.sparse_chunk_size) == ("auto", "all", "auto")
+    assert {layer.ipa.chunk_size for layer in model.structure_net.net} == {"auto"}
+    assert model.checkpoint_plan(1, 64) == (5, 5)
+    # The keys a user sets win.
+    own = Denoiser.from_config(config.replace(ipaChunkSize=16, activationCheckpointing="none")).memory
+    assert (own.ipa_chunk_size, own.checkpointing) == (16, "none")
+    assert Denoiser.from_config(config.replace(ipaChunkSize=0)).memory.ipa_chunk_size is None
+    # Memory grows linearly. At a reduced width the auto IPA block is reduced with it, so
+    # that the chunks are as much smaller than N² as they are at full size.
+    monkeypatch.setattr(chunking, "AUTO_BLOCK", 1 << 17)
+    reduced = config.replace(**{k: v for k, v in REDUCED.items() if k != "kNeighbors" or config["useSparseKNN"]},
+                             numTimesteps=100)
+    peaks = [_step_peak(reduced, n) for n in (64, 128)]
+    exponent = math.log(peaks[1] / peaks[0]) / math.log(2)
+    # Without the defaults (IPA unchunked, nothing checkpointed) the same step is quadratic.
+    plain = reduced.replace(ipaChunkSize=0, activationCheckpointing="none")
+    plain_peaks = [_step_peak(plain, n) for n in (64, 128)]
+    plain_exponent = math.log(plain_peaks[1] / plain_peaks[0]) / math.log(2)
+    print(f"peaks {[p / 2**20 for p in peaks]} MiB (exponent {exponent:.2f}); without the defaults "
+          f"{[p / 2**20 for p in plain_peaks]} MiB (exponent {plain_exponent:.2f})")
+    assert exponent <= 1.25 < plain_exponent
+    assert peaks[1] < plain_peaks[1] / 2
+
+
+# -- training (kill and resume) and sampling in every mode --------------------------------------
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_resumes_exactly_and_samples(mode, tmp_path, training_config):
+    config = training_config(**MODES[mode], maximumNumResidues=12, minimumNumResidues=10, batchSize=2,
+                             maximumSteps=4, checkpointEverySteps=2)
+    full = [log.loss for log in Trainer(config, tmp_path / "full", device="cpu", progress=False).fit()]
+
+    def kill_after_step_3(log):
+        if log.step == 3:
+            raise Killed
+
+    run = tmp_path / "killed"
+    with pytest.raises(Killed):
+        Trainer(config, run, device="cpu", progress=False).fit(on_step=kill_after_step_3)
+    resumed = Trainer(config, run, device="cpu", progress=False).fit(resume=True)
+    print(mode, "uninterrupted", full, "resumed", [log.loss for log in resumed])
+    assert [log.step for log in resumed] == [3, 4]
+    assert [log.loss for log in resumed] == full[2:]
+    # Sampling with the trained weights: finite coordinates of the requested shape.
+    trainer = Trainer(config, tmp_path / "sampler", device="cpu", progress=False)
+    model = trainer.model.eval()
+    mask = torch.ones(2, 10)
+    out = sample(model, mask, make_schedule(config["numTimesteps"], config["schedule"]),
+                 generator=torch.Generator().manual_seed(3))
+    assert out.x.shape == (2, 10, 3) and torch.isfinite(out.x).all()
+    assert out.x.std() > 0

@@ -14,6 +14,8 @@ from flash_genie.model.factorized import (
     FactorPair,
     factor_triangle_incoming,
     factor_triangle_outgoing,
+    landmark_index,
+    nystrom_features,
 )
 from flash_genie.model.frames import frenet_frames
 from flash_genie.model.ipa import InvariantPointAttention
@@ -319,6 +321,8 @@ def test_feature_net_holds_the_additive_genie_term_at_rank_2():
         net.linear_left.bias.zero_()
         net.linear_right.weight.zero_()
         net.linear_right.bias.zero_()
+        net.linear_geometry_left.weight.zero_()  # the geometry term (tested below) off
+        net.linear_geometry_right.weight.zero_()
         net.linear_left.weight[:c_p] = lin_i.weight
         net.linear_left.bias[:c_p] = lin_i.bias
         net.linear_left.bias[c_p:] = 1.0
@@ -334,6 +338,48 @@ def test_feature_net_holds_the_additive_genie_term_at_rank_2():
     assert _report("additive term", pair.materialize(), want) < 1e-12
     pad = ~mask.bool()
     assert pair.left[pad].abs().max() == 0 and pair.right[pad].abs().max() == 0
+
+
+def _random_rotation(seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def test_nystrom_features_are_the_nystrom_kernel_exact_at_every_landmark():
+    torch.manual_seed(0)
+    n = 9
+    x = torch.cumsum(torch.randn(2, n, 3, dtype=torch.float64) * 3, dim=1)
+    mask = _mask([9, 6], n)
+    widths = (3.0, 12.0)
+    # Every real residue a landmark: the features reproduce the kernel (up to the jitter).
+    phi = nystrom_features(x, mask, n_landmarks=6, bandwidths=widths, jitter=1e-10)
+    assert phi.shape == (2, n, 12)
+    for width, block in zip(widths, phi.split(6, dim=-1), strict=True):
+        kernel = torch.exp(-torch.cdist(x, x).square() / (2 * width**2))
+        gram = block @ block.transpose(-1, -2)
+        # Chain 1 has 6 real residues, all of them landmarks: exact on every real pair.
+        assert _report(f"nystrom σ={width}, M = n", gram[1, :6, :6], kernel[1, :6, :6]) < 1e-6
+        # Chain 0 (9 residues, 6 landmarks): exact on the pairs that involve a landmark.
+        lm = landmark_index(mask, 6)[0]
+        assert _report(f"nystrom σ={width}, landmark rows", gram[0, lm], kernel[0, lm]) < 1e-6
+    assert landmark_index(mask, 6)[1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert phi[1, 6:].abs().max() == 0  # padded residues
+    # Invariant under rotation and translation, to float64 rounding.
+    rot, shift = _random_rotation(1), torch.tensor([5.0, -3.0, 8.0], dtype=torch.float64)
+    moved = nystrom_features(x @ rot.T + shift, mask, n_landmarks=6, bandwidths=widths, jitter=1e-10)
+    assert _report("nystrom invariance", moved, phi) < 1e-9
+
+
+def test_feature_net_sees_the_structure():
+    torch.manual_seed(1)
+    net = FactorizedPairFeatureNet(5, 3, rank=2, n_landmarks=4).double()
+    s, mask = torch.randn(1, 8, 5, dtype=torch.float64), torch.ones(1, 8, dtype=torch.float64)
+    x = torch.cumsum(torch.randn(1, 8, 3, dtype=torch.float64) * 3, dim=1)
+    other = torch.cumsum(torch.randn(1, 8, 3, dtype=torch.float64) * 3, dim=1)
+    a, b = net(s, x, mask).materialize(), net(s, other, mask).materialize()
+    assert (a - b).abs().max() > 1e-3
 
 
 def test_feature_net_names_bad_arguments():

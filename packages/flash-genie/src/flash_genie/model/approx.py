@@ -26,19 +26,22 @@ pair-transform layers, the structure layers, or both (universal).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flash_genie.config import Config
-from flash_genie.model.chunking import chunked
-from flash_genie.model.factorized import FactorizedIPA
-from flash_genie.model.ipa import InvariantPointAttention
+from flash_genie.model.factorized import (
+    FactorPair,
+    check_factor_pair,
+    factor_bias,
+    factor_pair_terms,
+    factor_values,
+)
+from flash_genie.model.ipa import InvariantPointAttention, PairTerms
 from flash_genie.model.sparse import (
     SparsePair,
     build_graph,
@@ -170,19 +173,19 @@ def approximate_pair_stack(model, s: torch.Tensor, x: torch.Tensor, mask: torch.
         sparse = SparsePair(sparse_pair_features(model.pair_feature_net, s, x, graph), graph)
     factor_calls = model.factor_transform_net.calls() if model.factor_transform_net is not None else []
     sparse_calls = model.pair_transform_net.calls() if sparse is not None and model.pair_transform_net else []
-    chunk = model.pair_transform_net.chunk_size if model.pair_transform_net is not None else None
+    chunks = (model.memory.sparse_chunk_size, model.memory.pair_transition_chunk_size)
     for index in range(max(len(factor_calls), len(sparse_calls))):
         layers = (factor_calls[index] if factor_calls else None, sparse_calls[index] if sparse_calls else None)
         if index < checkpoint_layers and torch.is_grad_enabled():
-            factors, sparse = checkpoint(_layer_step, *layers, factors, sparse, mask, chunk, use_reentrant=False)
+            factors, sparse = checkpoint(_layer_step, *layers, factors, sparse, mask, chunks, use_reentrant=False)
         else:
-            factors, sparse = _layer_step(*layers, factors, sparse, mask, chunk)
+            factors, sparse = _layer_step(*layers, factors, sparse, mask, chunks)
     if factors is not None and sparse is not None:
         return HybridPair(factors, sparse)
     return factors if factors is not None else sparse
 
 
-def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
+def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunks=("auto", None)):
     """One pair layer of an approximate mode. In ``factorized+sparse`` the sparse layer acts on
     the whole pair at its edges (low-rank part + sparse part) and the sparse part keeps what
     the low-rank part, updated by the factorized layer, does not hold."""
@@ -192,7 +195,7 @@ def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
         values = sparse.values
         if factors is not None:
             values = values + factors_at_edges(factors, graph.index) * edges
-        values = sparse_pair_layer(sparse_layer, SparsePair(values, graph), chunk_size=chunk).values
+        values = sparse_pair_layer(sparse_layer, SparsePair(values, graph), *chunks).values
         if factors is not None and factor_layer is not None:
             factors = factor_layer(factors, mask)
         if factors is not None:
@@ -206,71 +209,62 @@ def _layer_step(factor_layer, sparse_layer, factors, sparse, mask, chunk):
 def hybrid_ipa(ipa, s: torch.Tensor, pair: HybridPair, frames, mask: torch.Tensor) -> torch.Tensor:
     """IPA (``ipa``'s parameters) over the ``factorized+sparse`` pair: every residue attends
     to every residue, with the pair bias and the attended pair values of
-    ``z = factors + sparse`` computed without materialising ``z``:
+    ``z = factors + sparse`` computed without materialising ``z`` (:func:`hybrid_pair_terms`).
+
+    Equal to :class:`~flash_genie.model.ipa.InvariantPointAttention` on the materialised pair;
+    memory ``O(N·(H·r + k)·C)`` plus ``O(chunk·N·H·(3·Pq + 5))`` logits and point differences
+    per block of ``ipa.chunk_size`` query rows (all rows at once without it)."""
+    return InvariantPointAttention.forward(ipa, s, hybrid_pair_terms(pair), frames, mask)
+
+
+def hybrid_pair_terms(pair: HybridPair) -> PairTerms:
+    """IPA's pair hooks for ``z = factors + sparse`` (rows: left factors, edge values, neighbour
+    index and edge flags of the query rows; keys: the right factors):
 
     * bias ``Σ_c W_hc z_ij[c] = Σ_{k,c} (W_hc left_ik[c]) right_jk[c] + [j ∈ N(i)] Σ_c W_hc s_ij[c]``;
     * pair values ``Σ_j a_ij z_ij = Σ_k left_ik ⊙ Σ_j a_ij right_jk + Σ_{n} a_{i,index[i,n]} s_in``.
-
-    Equal to :class:`~flash_genie.model.ipa.InvariantPointAttention` on the materialised pair;
-    memory ``O(N·(H·r + k)·C)`` plus ``O(chunk·N·H)`` logits per block of ``ipa.chunk_size``
-    query rows (all rows at once without it)."""
-    h, c, pq, pv = ipa.no_heads, ipa.c_hidden, ipa.no_qk_points, ipa.no_v_points
-    left, right = pair.factors.left, pair.factors.right  # [B, N, r, C]
+    """
     values, graph = pair.sparse.values, pair.sparse.graph  # [B, N, k, C]
-    q = ipa.linear_q(s).unflatten(-1, (h, c))
-    k, v = ipa.linear_kv(s).unflatten(-1, (h, 2 * c)).split(c, dim=-1)
-    q_pts = ipa._points(ipa.linear_q_points(s), frames, pq)
-    k_pts, v_pts = ipa._points(ipa.linear_kv_points(s), frames, pq + pv).split([pq, pv], dim=-2)
-    weight, bias = ipa.linear_b.weight, ipa.linear_b.bias  # [H, C], [H]
     edges = graph.valid.to(values.dtype)
-    edge_values = values * edges.unsqueeze(-1)
-    point_scale = math.sqrt(1.0 / (3 * (pq * 9.0 / 2)))
-
-    def attend(q, q_pts, left_i, edge_values_i, index_i, edges_i, mask_i, k, v, k_pts, v_pts, right, mask_k):
-        left_b = torch.einsum("birc,hc->bhirc", left_i, weight.to(left_i.dtype))  # [B, H, I, r, C]
-        pair_bias = torch.einsum("bhirc,bjrc->bhij", left_b, right) + bias.view(1, h, 1, 1)
-        edge_bias = torch.einsum("bikc,hc->bhik", edge_values_i, weight.to(edge_values_i.dtype))
-        where = index_i.unsqueeze(1).expand(-1, h, -1, -1)  # [B, H, I, k]
-        pair_bias = pair_bias.scatter_add(-1, where, edge_bias.to(pair_bias.dtype))
-        logits = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * c))
-        logits = logits + math.sqrt(1.0 / 3) * pair_bias
-        diff = q_pts.flatten(-2).unsqueeze(2) - k_pts.flatten(-2).unsqueeze(1)
-        sq_dist = torch.einsum("...k,...k->...", diff, diff)
-        logits = logits - 0.5 * (sq_dist * F.softplus(ipa.head_weights) * point_scale).permute(0, 3, 1, 2)
-        logits = logits + (ipa.inf * (mask_i.unsqueeze(-1) * mask_k.unsqueeze(-2) - 1)).unsqueeze(1).to(logits.dtype)
-        attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)
-        o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3)
-        o_pair = torch.einsum("birc,bhirc->bihc", left_i, torch.einsum("bhij,bjrc->bhirc", attn.to(right.dtype), right))
-        a_edges = attn.gather(-1, where) * edges_i.unsqueeze(1)  # [B, H, I, k]
-        o_pair = o_pair + torch.einsum("bhik,bikc->bihc", a_edges.to(edge_values_i.dtype), edge_values_i)
-        return torch.cat([o, o_pt, o_pair.flatten(-2).to(o.dtype)], dim=-1)
-
-    mask = mask.to(s.dtype)
-    rows = (q, q_pts, left, edge_values, graph.index, edges, mask)
-    shared = (k, v, k_pts, v_pts, right, mask)
-    if ipa.chunk_size is None:
-        attended = attend(*rows, *shared)
-    else:
-        params = (weight, bias, ipa.head_weights)
-        attended = chunked(attend, rows, shared, params, chunk_size=ipa.chunk_size)
-    o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * left.shape[-1]], dim=-1)
-    o_pt = frames.invert_apply(o_pt.unflatten(-1, (h * pv, 3)))
-    o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + ipa.eps)
-    return ipa.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
+    rows = (pair.factors.left, values * edges.unsqueeze(-1), graph.index, edges)
+    return PairTerms(rows, (pair.factors.right,), _hybrid_bias, _hybrid_values)
 
 
-class PairIPA(FactorizedIPA):
+def _hybrid_bias(ipa, rows, keys):
+    left, edge_values, index, _ = rows
+    bias = factor_bias(ipa, (left,), keys)  # [B, H, I, J]
+    edge_bias = torch.einsum("bikc,hc->bhik", edge_values, ipa.linear_b.weight.to(edge_values.dtype))
+    where = index.unsqueeze(1).expand(-1, ipa.no_heads, -1, -1)  # [B, H, I, k]
+    return bias.scatter_add(-1, where, edge_bias.to(bias.dtype))
+
+
+def _hybrid_values(ipa, attn, rows, keys):
+    left, edge_values, index, edges = rows
+    o_pair = factor_values(ipa, attn, (left,), keys).unflatten(-1, (ipa.no_heads, -1))  # [B, I, H, C]
+    where = index.unsqueeze(1).expand(-1, ipa.no_heads, -1, -1)
+    a_edges = attn.gather(-1, where) * edges.unsqueeze(1)  # [B, H, I, k]
+    o_pair = o_pair + torch.einsum("bhik,bikc->bihc", a_edges.to(edge_values.dtype), edge_values)
+    return o_pair.flatten(-2)
+
+
+class PairIPA(InvariantPointAttention):
     """IPA whose ``forward`` takes any pair representation (same parameters as
-    :class:`~flash_genie.model.ipa.InvariantPointAttention`)."""
+    :class:`~flash_genie.model.ipa.InvariantPointAttention`): the dense tensor, a ``FactorPair``,
+    a :class:`HybridPair` (through IPA's pair hooks) or a ``SparsePair`` (attention over the
+    neighbours, :func:`~flash_genie.model.sparse.sparse_ipa`)."""
 
     def forward(self, s, z, frames, mask, keys=None):
-        if isinstance(z, torch.Tensor):
-            return InvariantPointAttention.forward(self, s, z, frames, mask, keys)
-        if keys is not None:
+        if keys is not None and not isinstance(z, torch.Tensor):
             raise ValueError("keys (sequence parallelism) need the dense pair tensor")
-        if isinstance(z, HybridPair):
-            return hybrid_ipa(self, s, z, frames, mask)
         if isinstance(z, SparsePair):
             return sparse_ipa(self, s, z, frames, mask)
-        return FactorizedIPA.forward(self, s, z, frames, mask)
+        if isinstance(z, FactorPair):
+            check_factor_pair("z", z, mask, self.linear_b.in_features)
+        return super().forward(s, z, frames, mask, keys)
+
+    def pair_terms(self, z):
+        if isinstance(z, HybridPair):
+            return hybrid_pair_terms(z)
+        if isinstance(z, FactorPair):
+            return factor_pair_terms(z)
+        return super().pair_terms(z)

@@ -19,6 +19,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+#: Values per block of an ``"auto"`` chunk (``resolve_chunk``): 2**22, 16 MiB in float32.
+AUTO_BLOCK = 1 << 22
+
+
+def resolve_chunk(chunk_size: int | str | None, per_row: int) -> int | None:
+    """Rows per chunk: ``chunk_size`` itself, or for ``"auto"`` as many rows as keep one
+    block of a ``per_row``-values-per-row intermediate within :data:`AUTO_BLOCK` values
+    (at least 1): a block of fixed size, so the chunked memory does not grow with the rows."""
+    if chunk_size != "auto":
+        return chunk_size
+    return max(1, AUTO_BLOCK // max(1, per_row))
+
 
 def spans(n: int, step: int) -> list[tuple[int, int]]:
     """``[(0, step), (step, 2·step), ..., (·, n)]``."""

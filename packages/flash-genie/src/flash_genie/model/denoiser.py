@@ -131,7 +131,9 @@ class Denoiser(nn.Module):
     @classmethod
     def from_config(cls, config: Config | str) -> Denoiser:
         """Build (with fresh, Genie-style initial weights) from a config, path or text,
-        with the config's positional encoding and memory options."""
+        with the config's positional encoding and memory options. A factorized or sparse pair
+        mode also gets ``ipaChunkSize auto`` and ``activationCheckpointing auto`` unless the
+        config sets them (:meth:`MemoryOptions.for_approximate_pairs`): linear memory by default."""
         config = Config.coerce(config)
         scale = None
         if config["positionalEncoding"] == "absolute":
@@ -140,7 +142,11 @@ class Denoiser(nn.Module):
                 raise ConfigError(f"{config.source}: positionalEncoding absolute scales the residue index by "
                                   "maximumNumResidues, which is not set")
         model = cls(**config.denoiser_kwargs(), position_scale=scale, approx=Approximations.from_config(config))
-        model.set_memory_options(MemoryOptions.from_config(config))
+        options = MemoryOptions.from_config(config)
+        if model.approx.pair_mode != "dense":
+            # Linear memory as the user switches the mode on (the keys they set win).
+            options = options.for_approximate_pairs(config.explicit)
+        model.set_memory_options(options)
         return model
 
     def set_memory_options(self, options: MemoryOptions) -> Denoiser:

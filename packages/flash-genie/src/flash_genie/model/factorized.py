@@ -9,19 +9,32 @@ never materialised:
 only IPA's attention logits are O(N²), in time, and in memory O(chunk·N·H) with ``chunk_size``.
 Costs below count multiply-adds for one chain, with ``H`` IPA heads and ``Ch`` the tri-mul width.
 
-**Pair features** (:class:`FactorizedPairFeatureNet`): ``left = Linear(s)·m``,
-``right = Linear(s)·m``, each ``Linear(c_s, r·C)`` with a bias; O(N·c_s·r·C) time, O(N·r·C)
-memory. With the biases, rank 2 holds Genie's additive term ``Lin_i(s_i) + Lin_j(s_j)`` exactly
-(``left_i = (Lin_i(s_i), 1)``, ``right_j = (1, Lin_j(s_j))``, the ones from the biases). ``s`` is a
-linear map of Genie's sinusoidal residue-index encoding, and a product of two such features can
-express relative position, ``cos ω(i-j) = cos ωi·cos ωj + sin ωi·sin ωj`` (rank 2 per frequency;
-the encoding's cos channel ``2t+2`` and sin channel ``2t+1`` share a frequency), so the clipped
-one-hot relative position of the dense net is replaced by what the factors learn of it. Genie's
-distance template ``Lin(d_ij)`` is not low-rank and is dropped: the geometry reaches IPA through
-its point term. The squared distance is exactly rank 5 (``|x_i|² - 2 x_i·x_j + |x_j|²``), but its
-factors are the coordinates themselves, which rotate with the chain: the factor-wise LayerNorms
-and gates of the pair layers would then make the model depend on the global orientation, so it
-is left out too.
+**Pair features** (:class:`FactorizedPairFeatureNet`): ``left = (Linear(s) + Linear_g(φ))·m``,
+likewise ``right``, each ``Linear(c_s, r·C)`` with a bias and ``Linear_g(S·M, r·C)`` without;
+O(N·(c_s + S·M)·r·C) time, O(N·r·C) memory. With the biases, rank 2 holds Genie's additive term
+``Lin_i(s_i) + Lin_j(s_j)`` exactly (``left_i = (Lin_i(s_i), 1)``, ``right_j = (1, Lin_j(s_j))``,
+the ones from the biases). ``s`` is a linear map of Genie's sinusoidal residue-index encoding,
+and a product of two such features can express relative position,
+``cos ω(i-j) = cos ωi·cos ωj + sin ωi·sin ωj`` (rank 2 per frequency), so the clipped one-hot
+relative position of the dense net is replaced by what the factors learn of it.
+
+The structure enters through ``φ`` (:func:`nystrom_features`): per residue, ``S·M`` numbers (by
+default ``M = 16`` landmarks, ``S = 4`` widths σ = 4, 8, 16, 32 Å: 64) whose inner product
+``φ_σ(i)·φ_σ(j)`` is the rank-``M`` Nyström approximation of the Gaussian kernel
+``exp(-d_ij²/2σ²)`` of the noisy Cα distances, built from the distances to ``M`` landmark
+residues spread evenly along the chain. This stands in for Genie's distance template
+``Lin(d_ij)``, which is not low-rank with invariant factors: the squared distance is exactly
+rank 5 (``|x_i|² - 2 x_i·x_j + |x_j|²``), but its factors are the coordinates themselves, which
+rotate with the chain, and the factor-wise LayerNorms and gates of the pair layers would then
+make the model depend on the global orientation. ``φ`` depends only on distances, so the
+factors, the pair stack and IPA's logits are invariant and the predicted noise rotates with the
+input. What the pair input can hold of the geometry: each channel ``c`` of ``z_ij`` contains a
+bilinear form ``φ_i·A_c φ_j`` of rank at most ``r`` (the products of the two geometry maps, plus
+cross terms with ``s``); a linear read-out over the ``C`` channels, such as IPA's pair bias or the
+triangle updates' projections, holds any bilinear form of rank ``≤ min(S·M, r·C)``, the
+Nyström kernels themselves included. It is an approximation twice over: Nyström's (exact for
+pairs involving a landmark, coarse for residues far from all landmarks at small σ) and the
+learned projection.
 
 **IPA** (:class:`FactorizedIPA`), exact with respect to dense IPA on ``pair.materialize()``
 (same module, same weights, same numbers up to rounding):
@@ -62,15 +75,12 @@ once. The output projections start at zero, so a fresh layer is the identity, as
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flash_genie.model.chunking import chunked
-from flash_genie.model.ipa import InvariantPointAttention
+from flash_genie.model.ipa import InvariantPointAttention, PairTerms
 from flash_genie.model.pair_stack import PairTransition
 from flash_genie.model.primitives import Linear, SharedDropout
 from flash_genie.model.rigid import Rigid
@@ -265,30 +275,99 @@ class FactorizedPairTransformLayer(nn.Module):
         return FactorPair(left * _factor_mask(mask, left), right * _factor_mask(mask, right))
 
 
+#: Default landmarks and kernel widths (Å) of the factorized pair features' geometry.
+LANDMARKS = 16
+BANDWIDTHS = (4.0, 8.0, 16.0, 32.0)
+
+
+def landmark_index(mask: torch.Tensor, n_landmarks: int) -> torch.Tensor:
+    """``[B, M]`` residue indices of ``M = n_landmarks`` landmarks spread evenly over each
+    chain's real residues: the real residue of rank ``floor((m + ½)·n / M)`` for ``n`` real
+    residues (repeats when ``n < M``; index 0 for a chain with none). A function of the mask
+    only, so it does not move with the coordinates."""
+    real = mask != 0
+    counts = real.long().cumsum(-1)  # [B, N]
+    n_real = counts[:, -1:]
+    m = torch.arange(n_landmarks, device=mask.device)
+    rank = ((2 * m + 1) * n_real) // (2 * n_landmarks)  # [B, M] in [0, n)
+    index = torch.searchsorted(counts, rank + 1)  # first position whose count reaches rank + 1
+    return index.clamp(max=mask.shape[-1] - 1)
+
+
+def nystrom_features(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    n_landmarks: int = LANDMARKS,
+    bandwidths: tuple[float, ...] = BANDWIDTHS,
+    jitter: float = 1e-4,
+) -> torch.Tensor:
+    """SE(3)-invariant per-residue features ``φ`` ``[B, N, S·M]`` whose inner products are the
+    rank-``M`` Nyström approximation of the Gaussian distance kernels
+    ``K_σ(i, j) = exp(-|x_i - x_j|² / 2σ²)``, one block of ``M`` per width ``σ`` (``S`` of them):
+
+        ``φ_σ(i)·φ_σ(j) = K_σ(i, L) (K_σ(L, L) + jitter·I)⁻¹ K_σ(L, j)``
+
+    with the landmarks ``L`` of :func:`landmark_index` (``φ_σ(i) = L_σ⁻¹ K_σ(L, i)``, ``L_σ`` the
+    Cholesky factor of ``K_σ(L, L) + jitter·I``). Exact (up to the jitter) for the pairs that
+    involve a landmark, and for all pairs when every residue is one (``M = N``). Only
+    distances enter, so ``φ`` is invariant to rotations and translations of ``x``.
+    O(N·M·S) time and memory, plus an ``M × M`` Cholesky per width. Zero at padded residues.
+    """
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw = x.to(work)
+    index = landmark_index(mask, n_landmarks)  # [B, M]
+    landmarks = torch.gather(xw, 1, index.unsqueeze(-1).expand(-1, -1, 3))  # [B, M, 3]
+    # Squared distances as sums of squared differences (no |a|² + |b|² - 2a·b cancellation).
+    d_nm = (xw.unsqueeze(2) - landmarks.unsqueeze(1)).square().sum(-1)  # [B, N, M]
+    d_mm = (landmarks.unsqueeze(2) - landmarks.unsqueeze(1)).square().sum(-1)  # [B, M, M]
+    widths = torch.tensor(bandwidths, dtype=work, device=x.device).view(-1, 1, 1, 1)  # [S, 1, 1, 1]
+    k_nm = torch.exp(-d_nm / (2 * widths**2))  # [S, B, N, M]
+    k_mm = torch.exp(-d_mm / (2 * widths**2))  # [S, B, M, M]
+    eye = torch.eye(n_landmarks, dtype=work, device=x.device)
+    chol = torch.linalg.cholesky(k_mm + jitter * eye)
+    phi = torch.linalg.solve_triangular(chol, k_nm.transpose(-1, -2), upper=False)  # [S, B, M, N]
+    phi = phi.permute(1, 3, 0, 2).flatten(-2)  # [B, N, S*M]
+    return phi * mask.to(work).unsqueeze(-1)
+
+
 class FactorizedPairFeatureNet(nn.Module):
-    """Pair features as factors: ``left = Linear(s)·m``, ``right = Linear(s)·m`` (``c_s -> r·c_p``,
-    with biases), so ``z_ij = Σ_k left_ik ⊙ right_jk`` is masked by ``m_i m_j``.
+    """Pair features as factors: ``left = (Linear(s) + Linear_g(φ))·m``, likewise ``right``
+    (``c_s -> r·c_p`` with biases, ``S·M -> r·c_p`` without), with ``φ`` the invariant Nyström
+    features of the noisy coordinates (:func:`nystrom_features`), so ``z_ij = Σ_k left_ik ⊙ right_jk``
+    depends on the structure and is masked by ``m_i m_j``.
 
     Rank 2 contains Genie's ``Lin_i(s_i) + Lin_j(s_j)`` exactly; relative position is what products
-    of the position features in ``s`` express; the distance template is dropped (module docstring).
+    of the position features in ``s`` express; the geometry term is the module docstring's.
     """
 
-    def __init__(self, c_s: int, c_p: int, rank: int):
+    def __init__(
+        self,
+        c_s: int,
+        c_p: int,
+        rank: int,
+        n_landmarks: int = LANDMARKS,
+        bandwidths: tuple[float, ...] = BANDWIDTHS,
+    ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if n_landmarks < 1:
+            raise ValueError(f"n_landmarks must be >= 1, got {n_landmarks}")
+        if not bandwidths or any(b <= 0 for b in bandwidths):
+            raise ValueError(f"bandwidths must be positive widths in Å, got {bandwidths!r}")
         self.rank = rank
         self.c_p = c_p
+        self.n_landmarks = n_landmarks
+        self.bandwidths = tuple(float(b) for b in bandwidths)
         self.linear_left = nn.Linear(c_s, rank * c_p)
         self.linear_right = nn.Linear(c_s, rank * c_p)
+        n_geometry = n_landmarks * len(self.bandwidths)
+        self.linear_geometry_left = nn.Linear(n_geometry, rank * c_p, bias=False)
+        self.linear_geometry_right = nn.Linear(n_geometry, rank * c_p, bias=False)
 
     def forward(self, s: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> FactorPair:
         """``s`` ``[B, N, c_s]``, noisy Cα ``x`` ``[B, N, 3]``, ``mask`` ``[B, N]`` -> factors
-        ``[B, N, r, c_p]``, zero at padded residues.
-
-        ``x`` is checked but not used: the dense net's distance template has no exact low-rank
-        form with rotation-invariant factors.
-        """
+        ``[B, N, r, c_p]``, zero at padded residues."""
         if s.dim() != 3 or tuple(mask.shape) != tuple(s.shape[:2]):
             raise ValueError(
                 f"s must be [B, N, c_s] and mask [B, N], got {tuple(s.shape)} and {tuple(mask.shape)}"
@@ -297,9 +376,11 @@ class FactorizedPairFeatureNet(nn.Module):
             raise ValueError(
                 f"x must be [B, N, 3] = {(*s.shape[:2], 3)} Cα coordinates, got {tuple(x.shape)}"
             )
+        phi = nystrom_features(x, mask, self.n_landmarks, self.bandwidths).to(s.dtype)
         m = mask.to(self.linear_left.weight.dtype)[..., None, None]
-        left = self.linear_left(s).unflatten(-1, (self.rank, self.c_p)) * m
-        right = self.linear_right(s).unflatten(-1, (self.rank, self.c_p)) * m
+        shape = (self.rank, self.c_p)
+        left = (self.linear_left(s) + self.linear_geometry_left(phi)).unflatten(-1, shape) * m
+        right = (self.linear_right(s) + self.linear_geometry_right(phi)).unflatten(-1, shape) * m
         return FactorPair(left, right)
 
 
@@ -308,57 +389,35 @@ class FactorizedIPA(InvariantPointAttention):
 
     Same constructor, parameters and ``state_dict`` keys as the dense module, and the same result
     as the dense module on ``z.materialize()`` (module docstring), without the ``[N, N, C]`` pair:
-    the pair bias is ``Σ_{k,c} (W_hc left_ik[c]) right_jk[c] + β_h`` and the attended pair
-    features ``Σ_k left_ik ⊙ (Σ_j a_ij^h right_jk)``. ``chunk_size`` chunks the query rows as in
-    the dense module, so at most ``[B, H, chunk, N]`` logits and ``[B, chunk, H, r, c_z]``
+    only the pair hooks differ (:func:`factor_pair_terms`). ``chunk_size`` chunks the query rows
+    as in the dense module, so at most ``[B, H, chunk, N]`` logits and ``[B, chunk, H, r, c_z]``
     factor products exist at a time.
     """
 
-    def forward(
-        self, s: torch.Tensor, z: FactorPair, frames: Rigid, mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, s: torch.Tensor, z: FactorPair, frames: Rigid, mask: torch.Tensor) -> torch.Tensor:
         """``s`` ``[B, N, c_s]``, ``z`` factors ``[B, N, r, c_z]``, frames ``[B, N]``,
         ``mask`` ``[B, N]`` -> update of ``s``, ``[B, N, c_s]``."""
         check_factor_pair("z", z, mask, self.linear_b.in_features)
-        h, c, pq, pv = self.no_heads, self.c_hidden, self.no_qk_points, self.no_v_points
-        q = self.linear_q(s).unflatten(-1, (h, c))  # [B, N, H, C]
-        k, v = self.linear_kv(s).unflatten(-1, (h, 2 * c)).split(c, dim=-1)
-        q_pts = self._points(self.linear_q_points(s), frames, pq)  # [B, N, H, Pq, 3]
-        k_pts, v_pts = self._points(self.linear_kv_points(s), frames, pq + pv).split(
-            [pq, pv], dim=-2
-        )
-        rows, shared = (q, q_pts, z.left, mask), (k, v, k_pts, v_pts, mask, z.right)
-        if self.chunk_size is None:
-            attended = self._attend(*rows, *shared)
-        else:
-            params = (self.linear_b.weight, self.linear_b.bias, self.head_weights)
-            attended = chunked(self._attend, rows, shared, params, chunk_size=self.chunk_size)
-        o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * z.left.shape[-1]], dim=-1)
-        o_pt = frames.invert_apply(o_pt.unflatten(-1, (h * pv, 3)))  # [B, N, H*Pv, 3]
-        o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + self.eps)
-        return self.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
+        return super().forward(s, z, frames, mask)
 
-    def _attend(self, q, q_pts, left, mask, k, v, k_pts, v_pts, mask_k, right) -> torch.Tensor:
-        """Attention of the query rows ``I`` over the keys ``J`` with the pair given by its
-        factors (``left`` of the rows ``[B, I, r, c_z]``, ``right`` of the keys ``[B, J, r, c_z]``):
-        ``[o | o_pt | o_pair]`` ``[B, I, H·C + H·Pv·3 + H·c_z]``, value points in the global frame."""
-        c, pq = self.c_hidden, self.no_qk_points
-        # The terms in the dense module's order, so that float64 results agree to rounding.
-        logits = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * c))  # [B, H, I, J]
-        # [B, I, H, r*c_z]
-        weighted_left = (left.unsqueeze(2) * self.linear_b.weight[:, None, :]).flatten(-2)
-        pair_bias = torch.einsum("bihx,bjx->bhij", weighted_left, right.flatten(-2))
-        logits = logits + math.sqrt(1.0 / 3) * (pair_bias + self.linear_b.bias[:, None, None])
-        diff = q_pts.flatten(-2).unsqueeze(2) - k_pts.flatten(-2).unsqueeze(1)  # [B, I, J, H, Pq*3]
-        sq_dist = torch.einsum("...k,...k->...", diff, diff)  # [B, I, J, H]
-        point_weight = F.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (pq * 9.0 / 2)))
-        logits = logits + (-0.5 * sq_dist * point_weight).permute(0, 3, 1, 2)
-        pair_mask = mask.unsqueeze(-1) * mask_k.unsqueeze(-2)
-        logits = logits + (self.inf * (pair_mask.to(logits.dtype) - 1)).unsqueeze(1)
-        attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    def pair_terms(self, z: FactorPair) -> PairTerms:
+        return factor_pair_terms(z)
 
-        o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)  # [B, I, H*C]
-        o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3)  # [B, I, H*Pv*3]
-        attended_right = torch.einsum("bhij,bjkc->bihkc", attn, right)  # [B, I, H, r, c_z]
-        o_pair = torch.einsum("bihkc,bikc->bihc", attended_right, left).flatten(-2)  # [B, I, H*c_z]
-        return torch.cat([o, o_pt, o_pair], dim=-1)
+
+def factor_pair_terms(z: FactorPair) -> PairTerms:
+    """IPA's pair hooks for factors ``left`` (rows ``I``) and ``right`` (keys ``J``), ``[B, ·, r, c_z]``:
+    bias ``Σ_{k,c} (W_hc left_ik[c]) right_jk[c] + β_h``, values ``Σ_k left_ik ⊙ (Σ_j a_ij right_jk)``."""
+    return PairTerms((z.left,), (z.right,), factor_bias, factor_values)
+
+
+def factor_bias(ipa, rows, keys):
+    (left,), (right,) = rows, keys
+    weighted_left = (left.unsqueeze(2) * ipa.linear_b.weight[:, None, :]).flatten(-2)  # [B, I, H, r*c_z]
+    pair_bias = torch.einsum("bihx,bjx->bhij", weighted_left, right.flatten(-2))
+    return pair_bias + ipa.linear_b.bias[:, None, None]
+
+
+def factor_values(ipa, attn, rows, keys):
+    (left,), (right,) = rows, keys
+    attended_right = torch.einsum("bhij,bjkc->bihkc", attn.to(right.dtype), right)  # [B, I, H, r, c_z]
+    return torch.einsum("bihkc,bikc->bihc", attended_right, left).flatten(-2)  # [B, I, H*c_z]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash_genie.model.chunking import chunked
+from flash_genie.model.chunking import chunked, resolve_chunk
 from flash_genie.model.primitives import Linear
 from flash_genie.model.rigid import Rigid
 
@@ -30,6 +32,13 @@ class InvariantPointAttention(nn.Module):
     blocks of query rows, recomputed in backward, so that only ``chunk · N`` rows
     of logits, point differences and attended pair features exist at a time: extra
     memory O(chunk·N·(H·(2 + 3·Pq) + c_z)) instead of O(N²·…). Same numbers.
+    ``"auto"`` picks the rows per call so that one block's point differences, logits and
+    softmax (``B·chunk·N·H·(3·Pq + 5)`` values) stay near 2²² values
+    (:func:`~flash_genie.model.chunking.resolve_chunk`): the block's memory is then the
+    same at every ``N`` and what grows is per residue (time grows as N²).
+
+    The pair enters only through :meth:`pair_terms` (its bias and its attended values):
+    the factorized and low-rank + sparse modes override that hook and reuse the rest.
     """
 
     def __init__(
@@ -59,7 +68,7 @@ class InvariantPointAttention(nn.Module):
         # softplus(0.5413...) = 1: the point term starts at unit weight.
         self.head_weights = nn.Parameter(torch.full((no_heads,), 0.541324854612918))
         self.linear_out = Linear(no_heads * (c_z + c_hidden + 4 * no_v_points), c_s, init="final")
-        self.chunk_size: int | None = None
+        self.chunk_size: int | str | None = None
 
     def _points(self, flat: torch.Tensor, frames: Rigid, n_points: int) -> torch.Tensor:
         """``[B, N, 3·H·P]`` (x block, y block, z block) -> global points ``[B, N, H, P, 3]``."""
@@ -75,7 +84,8 @@ class InvariantPointAttention(nn.Module):
         keys: tuple[torch.Tensor, Rigid, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``s`` ``[B, N, c_s]``, ``z`` ``[B, N, N, c_z]``, frames ``[B, N]``, ``mask`` ``[B, N]``
-        -> update of ``s``, ``[B, N, c_s]``.
+        -> update of ``s``, ``[B, N, c_s]``. ``z`` may also be :class:`PairTerms` (the hooks of
+        another pair representation), used as given.
 
         ``keys = (s_k, frames_k, mask_k)`` of all ``N`` residues makes ``s``, ``frames``,
         ``mask`` and the rows of ``z`` those of the queries only (``I`` of them: sequence
@@ -88,24 +98,40 @@ class InvariantPointAttention(nn.Module):
         q_pts = self._points(self.linear_q_points(s), frames, pq)  # [B, N, H, Pq, 3]
         kv_pts = self._points(self.linear_kv_points(s_k), frames_k, pq + pv)
         k_pts, v_pts = kv_pts.split([pq, pv], dim=-2)
-        rows, shared = (q, q_pts, z, mask), (k, v, k_pts, v_pts, mask_k)
-        if self.chunk_size is None:
-            attended = self._attend(*rows, *shared)
+        terms = z if isinstance(z, PairTerms) else self.pair_terms(z)
+        n_pair_rows = len(terms.rows)
+
+        def attend(q, q_pts, mask, *rest):
+            pair_rows, (k, v, k_pts, v_pts, mask_k), pair_keys = (
+                rest[:n_pair_rows], rest[n_pair_rows : n_pair_rows + 5], rest[n_pair_rows + 5 :])
+            return self._attend(terms, q, q_pts, mask, pair_rows, k, v, k_pts, v_pts, mask_k, pair_keys)
+
+        rows, shared = (q, q_pts, mask, *terms.rows), (k, v, k_pts, v_pts, mask_k, *terms.keys)
+        chunk = resolve_chunk(self.chunk_size, q.shape[0] * k.shape[1] * h * (3 * pq + 5))
+        if chunk is None:
+            attended = attend(*rows, *shared)
         else:
             params = (self.linear_b.weight, self.linear_b.bias, self.head_weights)
-            attended = chunked(self._attend, rows, shared, params, chunk_size=self.chunk_size)
-        o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * z.shape[-1]], dim=-1)
+            attended = chunked(attend, rows, shared, params, chunk_size=chunk)
+        o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * self.linear_b.in_features], dim=-1)
         o_pt = frames.invert_apply(o_pt.unflatten(-1, (h * pv, 3)))  # [B, I, H*Pv, 3]
         o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + self.eps)
         return self.linear_out(torch.cat([o, *o_pt.unbind(-1), o_pt_norm, o_pair], dim=-1))
 
-    def _attend(self, q, q_pts, z, mask, k, v, k_pts, v_pts, mask_k) -> torch.Tensor:
+    def pair_terms(self, z: torch.Tensor) -> PairTerms:
+        """The pair hooks of the dense pair ``z`` ``[B, N, N, c_z]``: its rows go with the query rows;
+        bias ``linear_b(z_ij)``, pair values ``Σ_j a_ij z_ij``. Subclasses return other
+        :class:`PairTerms` for other pair representations (factorized, low-rank + sparse)."""
+        return PairTerms((z,), (), _dense_bias, _dense_values)
+
+    def _attend(self, terms, q, q_pts, mask, pair_rows, k, v, k_pts, v_pts, mask_k, pair_keys) -> torch.Tensor:
         """Attention of the query rows ``I`` over the keys ``J``: ``[o | o_pt | o_pair]``
-        ``[B, I, H·C + H·Pv·3 + H·c_z]``, the value points still in the global frame."""
+        ``[B, I, H·C + H·Pv·3 + H·c_z]``, the value points still in the global frame; the pair
+        enters through ``terms`` (``pair_rows``: its tensors' rows ``I``, ``pair_keys``: whole)."""
         c, pq = self.c_hidden, self.no_qk_points
         # [B, H, I, J]
         logits = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * c))
-        logits = logits + math.sqrt(1.0 / 3) * self.linear_b(z).permute(0, 3, 1, 2)
+        logits = logits + math.sqrt(1.0 / 3) * terms.bias(self, pair_rows, pair_keys)
         # Σ_p |q_ip - k_jp|² as one reduction over the Pq·3 coordinates (a reduction
         # over a trailing axis of 3 is slow on CPU); differences, not the expanded
         # |q|² + |k|² - 2q·k, which cancels badly for coordinates far from the origin.
@@ -121,5 +147,28 @@ class InvariantPointAttention(nn.Module):
 
         o = torch.einsum("bhij,bjhc->bihc", attn, v).flatten(-2)  # [B, I, H*C]
         o_pt = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts).flatten(-3)  # [B, I, H*Pv*3]
-        o_pair = torch.einsum("bhij,bijc->bihc", attn, z).flatten(-2)  # [B, I, H*c_z]
-        return torch.cat([o, o_pt, o_pair], dim=-1)
+        o_pair = terms.values(self, attn, pair_rows, pair_keys)  # [B, I, H*c_z]
+        return torch.cat([o, o_pt, o_pair.to(o.dtype)], dim=-1)
+
+
+class PairTerms(NamedTuple):
+    """How a pair representation enters IPA (:meth:`InvariantPointAttention.pair_terms`).
+
+    ``rows``: tensors whose dim 1 is the query residue (chunked with the query rows);
+    ``keys``: tensors every row block sees whole; ``bias(ipa, rows, keys)`` -> the pair bias
+    ``[B, H, I, J]`` (``linear_b`` with its bias); ``values(ipa, attn, rows, keys)`` -> the
+    attended pair features ``Σ_j a_ij^h z_ij`` ``[B, I, H·c_z]`` for weights ``attn`` ``[B, H, I, J]``.
+    """
+
+    rows: tuple
+    keys: tuple
+    bias: Callable
+    values: Callable
+
+
+def _dense_bias(ipa, rows, keys):
+    return ipa.linear_b(rows[0]).permute(0, 3, 1, 2)
+
+
+def _dense_values(ipa, attn, rows, keys):
+    return torch.einsum("bhij,bijc->bihc", attn, rows[0]).flatten(-2)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flash_genie.model.chunking import chunked, spans
+from flash_genie.model.chunking import chunked, resolve_chunk, spans
 from flash_genie.model.features import PairFeatureNet
 from flash_genie.model.ipa import InvariantPointAttention
 from flash_genie.model.pair_stack import PairTransformLayer
@@ -354,7 +354,8 @@ def sparse_triangle_multiplication(
     outgoing ``x_ij = Σ_{m ∈ N(i)} a_im ⊙ b_jm`` over the present ``(j, m)``; incoming
     ``x_ij = Σ_{m ∈ N(i)} a_mi ⊙ b_mj`` over the present ``(m, i)`` and ``(m, j)``; the rest as
     OpenFold (``genie_tk.reference.triangle_multiplicative_update``) per edge, the mask being
-    ``graph.valid``. ``chunk_size`` bounds the rows whose ``[k, k, Ch]`` gathered block exists.
+    ``graph.valid``. ``chunk_size`` (rows or ``"auto"``) bounds the rows whose ``[k, k, Ch]``
+    gathered block exists.
     """
     p_w, p_b, g_w, g_b = module._input_projections()  # a and b stacked
     mask = graph.valid.unsqueeze(-1).to(z.dtype)
@@ -363,6 +364,7 @@ def sparse_triangle_multiplication(
     if fp16_enabled(z) and bool(a.std() != 0) and bool(b.std() != 0):
         # OpenFold's float16 path (LayerNorm-out is scale invariant).
         a, b = (a / a.std()).float(), (b / b.std()).float()
+    chunk_size = resolve_chunk(chunk_size, a.shape[0] * graph.k * graph.k * a.shape[-1])
     if module._outgoing:
         x = _contract(_outgoing, (a, graph.triangle), (_edge_table(b),), chunk_size)
     else:
@@ -410,7 +412,8 @@ def sparse_triangle_attention(
     Starting node: query ``(i, j)``, keys and values ``(i, m)``, triangle bias ``(j, m)``;
     ending node: keys and values ``(m, j)``, bias ``(m, i)``; ``m ∈ N(i)``, a key masked when
     one of its edges is absent. Heads, gate and ``linear_o`` as the module;
-    ``chunk_size`` bounds the rows whose ``[H, k, k]`` logits exist at once.
+    ``chunk_size`` (rows or ``"auto"``) bounds the rows whose ``[H, k, k]`` logits (and, ending
+    node, ``[k, k, H·D]`` gathered keys and values) exist at once.
     """
     mha, heads = module.mha, module.no_heads
     zn = module.layer_norm(z)
@@ -422,6 +425,7 @@ def sparse_triangle_attention(
     q, k, v = project(mha.linear_q), project(mha.linear_k), project(mha.linear_v)
     q = q / math.sqrt(q.shape[-1])
     inf = module.inf
+    chunk_size = resolve_chunk(chunk_size, z.shape[0] * graph.k * graph.k * heads * (2 * q.shape[-1] + 1))
     if module.starting:
         fn = lambda q, k, v, tri, bias: _starting_node(q, k, v, tri, bias, inf)  # noqa: E731
         o = _contract(fn, (q, k, v, graph.triangle), (bias,), chunk_size)
@@ -454,14 +458,18 @@ def _dropout(module: SharedDropout, update: torch.Tensor, graph: NeighbourGraph)
 
 
 def sparse_pair_layer(
-    layer: PairTransformLayer, pair: SparsePair, chunk_size: int | None = None
+    layer: PairTransformLayer,
+    pair: SparsePair,
+    chunk_size: int | str | None = "auto",
+    transition_chunk_size: int | None = None,
 ) -> SparsePair:
     """:class:`~flash_genie.model.pair_stack.PairTransformLayer` on the graph: tri-mul outgoing
     and incoming, [tri-att starting and ending node], transition, each added residually after
     the layer's dropout, then the edge mask. ``pair.values`` ``[B, N, k, C]``.
 
-    ``chunk_size`` bounds the rows of every ``k²``-sized intermediate and of the transition's
-    hidden layer (exact; recomputed in backward).
+    ``chunk_size`` (rows, ``"auto"`` or ``None``: ``sparseChunkSize``) bounds the rows of every
+    ``k²``-sized intermediate, ``transition_chunk_size`` (``pairTransitionChunkSize``) those of
+    the transition's hidden layer (exact; recomputed in backward).
     """
     z, graph = pair
     if z.dim() != 4 or tuple(z.shape[:3]) != tuple(graph.index.shape):
@@ -481,7 +489,7 @@ def sparse_pair_layer(
         steps.append((sparse_triangle_attention, layer.tri_att_end, layer.dropout_col))
     for operation, module, dropout in steps:
         z = z + _dropout(dropout, operation(module, z, graph, chunk_size), graph)
-    z = z + layer.pair_transition(z, graph.valid, chunk_size)
+    z = z + layer.pair_transition(z, graph.valid, transition_chunk_size)
     return SparsePair(z * graph.valid.unsqueeze(-1).to(z.dtype), graph)
 
 
@@ -539,7 +547,8 @@ def sparse_ipa(
     def attend(*args):
         return _ipa_attend(*args, scale=math.sqrt(1.0 / (3 * c)), inf=ipa.inf)
 
-    attended = _contract(attend, rows, shared, ipa.chunk_size)
+    chunk = resolve_chunk(ipa.chunk_size, s.shape[0] * graph.k * h * (3 * pq + 5))
+    attended = _contract(attend, rows, shared, chunk)
     o, o_pt, o_pair = attended.split([h * c, h * pv * 3, h * z.shape[-1]], dim=-1)
     o_pt = frames.invert_apply(o_pt.unflatten(-1, (h * pv, 3)))  # [B, N, H*Pv, 3]
     o_pt_norm = torch.sqrt(torch.sum(o_pt**2, dim=-1) + ipa.eps)
