@@ -51,6 +51,15 @@ def test_real_chains_score_better_than_random_walks(short_chains):
     assert np.mean(real) < np.mean(walks) - 0.15
 
 
+def test_collapsed_trace_gets_a_confident_low_complexity_design():
+    # The documented caveat: NLL alone would rank a collapsed cloud above real chains.
+    cloud = np.random.default_rng(0).normal(scale=3.0, size=(40, 3))
+    designed = mpnn.design(cloud)
+    print(f"cloud: NLL {designed.mean_nll:.3f}, top residue fraction {designed.top_residue_fraction:.2f}, "
+          f"{designed.sequences[0]}")
+    assert designed.top_residue_fraction > 0.6 and designed.mean_nll < 1.0
+
+
 def test_batches_avoid_the_cross_product_axis_bug(short_chains):
     # Why batch_sizes never returns 3: ProteinMPNN's features take torch.cross's default axis,
     # the first of size 3, so a batch of 3 identical chains gets other edge features than one.

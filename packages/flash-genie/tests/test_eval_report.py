@@ -111,6 +111,8 @@ def test_mpnn_nll_side_by_side(tmp_path):
     nll = {(r["set"], r["name"]): float(r["mpnn_nll"]) for r in rows}
     assert len(nll) == 3 and all(0 < v < np.log(20) for v in nll.values())
     assert nll[("sample", "real")] < nll[("sample", "walk")]
+    top = {(r["set"], r["name"]): float(r["mpnn_top_aa"]) for r in rows}
+    assert all(0 < v <= 1 for v in top.values()) and top[("sample", "real")] < top[("sample", "walk")]
     summary = json.loads((folder / "evaluation" / "summary.json").read_text())
     reference = next(k for k in nll if k[0] == "reference")
     assert summary["overall"]["reference"]["mpnn_nll"][0] == pytest.approx(nll[reference], abs=1e-4)  # csv: 4 decimals

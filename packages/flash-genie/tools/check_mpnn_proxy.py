@@ -4,9 +4,10 @@
     python packages/flash-genie/tools/check_mpnn_proxy.py --n 20
 
 Takes the first ``n`` chains of 50–70 residues of the built-in set and, for each, a random
-walk of the same length with 3.8 Å steps (seeded); designs one sequence per structure with
-ProteinMPNN's Cα-only model (``flash_genie.eval.mpnn.design``) and prints the per-residue
-NLL of each set, mean ± standard deviation.
+walk of the same length with 3.8 Å steps and a collapsed cloud (Gaussian points, sd 3 Å, the
+kind of trace an untrained model samples), seeded; designs one sequence per structure with
+ProteinMPNN's Cα-only model (``flash_genie.eval.mpnn.design``) and prints, per set, the
+per-residue NLL and the share of the commonest amino acid in the design, mean ± sd.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ def main(argv=None) -> None:
     ds = builtin_dataset()
     picked = np.flatnonzero((ds.lengths >= 50) & (ds.lengths <= 70))[: args.n]
     rng = np.random.default_rng(args.seed)
-    real = [design(ds.coords(i), seed=args.seed).mean_nll for i in picked]
-    walks = [design(random_walk(int(ds.lengths[i]), rng), seed=args.seed).mean_nll for i in picked]
-    for name, values in (("real chains", real), ("random walks", walks)):
-        print(f"{name}: mpnn_nll {np.mean(values):.3f} ± {np.std(values):.3f} over {len(values)} "
-              f"({', '.join(f'{v:.3f}' for v in values)})")
+    sets = {
+        "real chains": [ds.coords(i) for i in picked],
+        "random walks": [random_walk(int(ds.lengths[i]), rng) for i in picked],
+        "collapsed clouds": [rng.normal(scale=3.0, size=(int(ds.lengths[i]), 3)) for i in picked],
+    }
+    for name, traces in sets.items():
+        designs = [design(t, seed=args.seed) for t in traces]
+        nll = [d.mean_nll for d in designs]
+        top = [d.top_residue_fraction for d in designs]
+        print(f"{name}: mpnn_nll {np.mean(nll):.3f} ± {np.std(nll):.3f}, top residue fraction "
+              f"{np.mean(top):.2f} ± {np.std(top):.2f} over {len(nll)} ({', '.join(f'{v:.3f}' for v in nll)})")
 
 
 if __name__ == "__main__":

