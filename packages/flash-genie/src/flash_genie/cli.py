@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real chains per 32-residue length bin that holds samples (the reference line)")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of reference chains and the designs")
     p.add_argument("--designability", action="store_true",
-                   help="self-consistency with ProteinMPNN + ESMFold (installed separately; see the README)")
-    p.add_argument("--proteinmpnn-dir", help="ProteinMPNN checkout (or set PROTEINMPNN_DIR)")
+                   help="self-consistency with ProteinMPNN + ESMFold (ESMFold installed separately; see the README)")
+    p.add_argument("--proteinmpnn-dir",
+                   help="ProteinMPNN checkout (or set PROTEINMPNN_DIR; default: the proteinmpnn package)")
     p.add_argument("--device", default="cuda", help="device for ESMFold")
     p.set_defaults(run=_evaluate)
 
