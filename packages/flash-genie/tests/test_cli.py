@@ -48,7 +48,7 @@ def test_train_resume_sample_evaluate(tmp_path, config_file, training_config, ca
     assert pdbs == ["20_0.pdb", "20_1.pdb", "24_0.pdb", "24_1.pdb"]
     assert len(list((samples / "coords").iterdir())) == 4
     assert (samples / "evaluation" / "metrics.csv").is_file()
-    assert main(["evaluate", str(samples), "--overwrite"]) == 0
+    assert main(["evaluate", str(samples), "--overwrite", "--mpnn-sequences", "0", "--reference-per-bin", "2"]) == 0
 
 
 def test_sample_rejects_lengths_beyond_the_model(tmp_path, config_file, capsys):

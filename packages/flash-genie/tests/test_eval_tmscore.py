@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tmtools
 
 from flash_genie.data import builtin_dataset
 from flash_genie.eval import single_linkage_clusters, tm_score
@@ -45,7 +46,6 @@ def test_partial_match_finds_the_good_part(chain):
 
 @pytest.mark.parametrize("noise", [0.5, 1.5, 3.0])
 def test_agrees_with_tm_align(chain, noise):
-    tmtools = pytest.importorskip("tmtools")
     rng = np.random.default_rng(int(noise * 10))
     noisy = (chain + rng.normal(scale=noise, size=chain.shape)) @ random_rotation(3).T
     ours = tm_score(noisy, chain)
@@ -62,7 +62,6 @@ def test_agrees_with_tm_align(chain, noise):
 
 
 def test_tm_align_and_novelty(chain):
-    pytest.importorskip("tmtools")
     rotated = chain @ random_rotation(4).T
     assert tm_module.tm_align(rotated, chain) == pytest.approx((1.0, 1.0), abs=1e-6)
     sub = chain[10:70]

@@ -3,6 +3,7 @@
 Public surface::
 
     model = flash_genie.load_genie(config, weights)      # eval mode
+    model, config = flash_genie.load_builtin()           # the built-in trained model
     eps = model.predict_noise(xt, timesteps, mask)        # [B, N, 3]
     out = flash_genie.sample(model, mask, flash_genie.make_schedule())
 """
@@ -20,6 +21,7 @@ from flash_genie.diffusion import (
     training_loss,
 )
 from flash_genie.model import Denoiser, Rigid, frenet_frames
+from flash_genie.pretrained import load_builtin
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "Schedule",
     "frenet_frames",
     "genie_loss",
+    "load_builtin",
     "load_checkpoint",
     "load_genie",
     "make_schedule",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flash_genie.config import Config, ConfigError
 from flash_genie.data import DatasetError, StructureError
-from flash_genie.eval import DesignabilityUnavailable
+from flash_genie.eval import DesignabilityUnavailable, TMalignUnavailable
 from flash_genie.parallel import check as parallel_check
 
 # Small enough to train on 2 CPU cores in a few minutes, on the built-in PDB chains.
@@ -102,7 +102,17 @@ def _describe_model(model) -> None:
 def _sample(args) -> int:
     from flash_genie.sampling import generate, load_model, write_backbones
 
-    model, config = load_model(args.checkpoint, args.config, ema=args.ema, device=args.device)
+    if args.checkpoint is None:  # the built-in model
+        from flash_genie.pretrained import load_builtin
+
+        if args.config or args.ema:
+            raise ValueError("--config and --ema apply to a CHECKPOINT; without one the built-in model "
+                             "(its own config, EMA weights) is used")
+        model, config = load_builtin(device=args.device)
+        print(f"built-in model ({config['name']}): {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{config['numTimesteps']} timesteps")
+    else:
+        model, config = load_model(args.checkpoint, args.config, ema=args.ema, device=args.device)
     if args.chunk_size:  # long chains: chunked IPA, pair transition and triangle attention
         from dataclasses import replace
 
@@ -119,12 +129,14 @@ def _sample(args) -> int:
     return 0
 
 
-def _report(folder: Path, reference: str | None = None, overwrite: bool = True) -> None:
+def _report(folder: Path, reference: str | None = None, overwrite: bool = True, **options) -> None:
+    """``evaluate_directory`` on ``folder`` (its ``pdbs/`` when there is one) into ``folder/evaluation``;
+    ``options`` go to it."""
     from flash_genie.eval import evaluate_directory
 
     folder = Path(folder)
     pdbs = folder / "pdbs" if (folder / "pdbs").is_dir() else folder
-    report = evaluate_directory(pdbs, reference=reference, out=folder / "evaluation", overwrite=overwrite)
+    report = evaluate_directory(pdbs, reference=reference, out=folder / "evaluation", overwrite=overwrite, **options)
     print(report)
     print(f"evaluation: {folder / 'evaluation'}")
 
@@ -143,7 +155,8 @@ def _evaluate(args) -> int:
                                 proteinmpnn_dir=args.proteinmpnn_dir, device=args.device)
         print(f"designability: {out}")
         return 0
-    _report(folder, args.reference, overwrite=args.overwrite)
+    _report(folder, args.reference, overwrite=args.overwrite, mpnn_sequences=args.mpnn_sequences,
+            reference_per_bin=args.reference_per_bin, seed=args.seed)
     return 0
 
 
@@ -208,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("sample", help="sample backbones from a checkpoint")
-    p.add_argument("checkpoint", help="flash-genie checkpoint, or an original Genie .ckpt with --config")
+    p = sub.add_parser("sample", help="sample backbones (no CHECKPOINT: the built-in trained model)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="flash-genie checkpoint, or an original Genie .ckpt with --config (default: the built-in model)")
     p.add_argument("--config", help="configuration file (needed for original Genie checkpoints)")
     p.add_argument("--lengths", type=int, nargs="+", required=True, help="chain lengths to sample")
     p.add_argument("--num", type=int, default=5, help="backbones per length")
@@ -231,9 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="folder of sampled PDB/mmCIF or Genie coordinate files")
     p.add_argument("--reference", help="dataset of real chains (default: the built-in set)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
+    p.add_argument("--mpnn-sequences", type=int, default=1,
+                   help="ProteinMPNN designs per structure for the designability proxy mpnn_nll (0: off)")
+    p.add_argument("--reference-per-bin", type=int, default=8,
+                   help="real chains per 32-residue length bin that holds samples (the reference line)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of reference chains and the designs")
     p.add_argument("--designability", action="store_true",
-                   help="self-consistency with ProteinMPNN + ESMFold (installed separately; see the README)")
-    p.add_argument("--proteinmpnn-dir", help="ProteinMPNN checkout (or set PROTEINMPNN_DIR)")
+                   help="self-consistency with ProteinMPNN + ESMFold (ESMFold installed separately; see the README)")
+    p.add_argument("--proteinmpnn-dir",
+                   help="ProteinMPNN checkout (or set PROTEINMPNN_DIR; default: the proteinmpnn package)")
     p.add_argument("--device", default="cuda", help="device for ESMFold")
     p.set_defaults(run=_evaluate)
 
@@ -275,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DatasetError, StructureError, DesignabilityUnavailable, FileNotFoundError,
-            FileExistsError, ValueError) as err:
+    except (ConfigError, DatasetError, StructureError, DesignabilityUnavailable, TMalignUnavailable,
+            FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"flash-genie {args.command}: error: {err}", file=sys.stderr)
         return 2
 

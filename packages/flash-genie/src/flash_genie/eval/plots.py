@@ -3,7 +3,8 @@
 Layout: one histogram per metric (samples against the reference chains); Rg against length
 with the native scaling curve; helix against strand fraction; Cα traces of a few samples
 and one reference chain projected on their two principal axes; a contact map (Cα < 8 Å)
-of the first sample beside a reference chain.
+of the first sample beside a reference chain. :func:`write_trace_grid` draws many traces
+in one figure (the samples' pictures of a benchmark).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ HISTOGRAMS = (
     ("helix", "helix fraction"),
     ("strand", "strand fraction"),
     ("novelty", "novelty: max TM to reference"),
+    ("mpnn_nll", "ProteinMPNN NLL (designability proxy)"),
 )
 SAMPLE_COLOR, REFERENCE_COLOR = "tab:orange", "tab:blue"
 CONTACT_DISTANCE = 8.0  # Å, the usual Cα contact cut-off
@@ -49,7 +51,7 @@ def _values(rows, key) -> np.ndarray:
     return v[~np.isnan(v)]
 
 
-def write_report_png(path, report, sample_traces, reference_traces, n_traces: int = 3) -> Path:
+def write_report_png(path, report, sample_traces, reference_traces, n_traces: int = 2) -> Path:
     """Draw the report figure for an :class:`~flash_genie.eval.EvaluationReport` to ``path``."""
     require_matplotlib()
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
@@ -105,6 +107,35 @@ def write_report_png(path, report, sample_traces, reference_traces, n_traces: in
     for ax in slots[len(traces) + len(maps) :]:
         ax.set_axis_off()
     fig.suptitle(f"flash-genie evaluation: {len(report.samples)} samples, {len(report.reference)} reference chains")
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def write_trace_grid(path, traces, titles, columns: int = 8, color: str = SAMPLE_COLOR, title: str | None = None) -> Path:
+    """One panel per Cα trace ``[L, 3]``, projected on its two principal axes and coloured
+    from N to C terminus, in a grid of ``columns`` (each panel scaled to its trace: put the
+    size, e.g. Rg, in ``titles``)."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    if len(traces) != len(titles) or not traces:
+        raise ValueError(f"need one title per trace and at least one trace, got {len(traces)} and {len(titles)}")
+    rows = -(-len(traces) // columns)
+    fig = Figure(figsize=(2.2 * columns, 2.3 * rows + (0.4 if title else 0)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax, trace, label in zip(axes, traces, titles):
+        xy = _projection(trace)
+        ax.plot(xy[:, 0], xy[:, 1], "-", color=color, lw=0.8)
+        ax.scatter(xy[:, 0], xy[:, 1], c=np.arange(len(xy)), cmap="viridis", s=4)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, fontsize="small")
+    for ax in axes[len(traces):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=80)
     return path

@@ -7,10 +7,9 @@
   repeatedly re-superposed on the residues within ``d0_search = clip(d0, 4.5, 8)`` Å; the
   best score over all seeds and iterations is returned. Pure numpy, batched over seeds.
 * :func:`tm_align` — different chains (any lengths): TM-align (Zhang & Skolnick, NAR
-  33:2302, 2005) through the ``tmtools`` package, an optional dependency (GPL-3.0; flash-genie
-  itself is Apache-2.0, so it is not required). Without it :class:`TMalignUnavailable` is
-  raised and :func:`~flash_genie.eval.evaluate_directory` leaves diversity and novelty out,
-  saying why.
+  33:2302, 2005) through the ``tmtools`` package (GPL-3.0 bindings of TM-align), a dependency
+  of flash-genie, so that diversity and novelty are always computed. Should it fail to
+  import, :class:`TMalignUnavailable` says so and how to reinstall it.
 """
 
 from __future__ import annotations
@@ -94,20 +93,26 @@ def tm_align(x, y) -> tuple[float, float]:
         ``(tm_x, tm_y)``: the TM-score normalised by the length of ``x`` and of ``y``.
 
     Raises:
-        TMalignUnavailable: ``tmtools`` is not installed (``pip install tmtools``).
+        TMalignUnavailable: ``tmtools`` cannot be imported.
     """
-    try:
-        from tmtools import tm_align as _tm_align
-    except ImportError as err:
-        raise TMalignUnavailable(
-            "TM-align is needed to compare different chains: pip install tmtools "
-            "(GPL-3.0 Python bindings of TM-align)"
-        ) from err
+    _tm_align = require_tm_align()
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)
     # TM-align aligns structures, not sequences; the sequences only label residues.
     result = _tm_align(x, y, "A" * len(x), "A" * len(y))
     return float(result.tm_norm_chain1), float(result.tm_norm_chain2)
+
+
+def require_tm_align():
+    """``tmtools.tm_align``, or :class:`TMalignUnavailable` with the fix when it cannot be imported."""
+    try:
+        from tmtools import tm_align as _tm_align
+    except ImportError as err:
+        raise TMalignUnavailable(
+            f"TM-align (the tmtools package, a dependency of flash-genie) cannot be imported: {err}. "
+            "Reinstall it: pip install tmtools"
+        ) from err
+    return _tm_align
 
 
 def has_tm_align() -> bool:
