@@ -758,3 +758,172 @@ def test_the_dqkv_walk_catches_phase_and_barrier_bugs(kwargs, error, message):
     with pytest.raises(error, match=message):
         for seed in range(20):  # a race shows in some interleavings
             walk_dqkv(q, k, v, dout, bias_p, kb, stats, delta, scale, seed=seed, **kwargs)
+
+
+# ---------------------------------------------------------------- attention dbias walk
+
+
+def dbias_config() -> dict[str, int]:
+    launch = (CSRC / "triangle_attention_launch.h").read_text()
+    shared = {name: int(value) for name, value in re.findall(r"inline constexpr int (kDbias\w+) = (\d+);", launch)}
+    text = (CSRC / "triangle_attention_bwd_sm90.cuh").read_text()
+    body = text[text.index("struct dbias_config"):]
+    body = body[: body.index("};")]
+    c = dict(shared)
+    for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
+        c[name] = int(eval(expr.replace("WARPGROUP_THREADS", "128"), {}, dict(c)))  # the project's own source
+    c["block"] = fwd_config(32)["block"]
+    return c
+
+
+def dbias_splits(batch, rows, heads, n, sms, c):
+    """triangle_attention_dbias_splits (triangle_attention_bwd_sm90.cpp), transcribed."""
+    blocks = math.ceil(n / c["block"])
+    per_split = batch * heads * math.ceil(blocks / c["kDbiasQueryBlocks"]) * math.ceil(blocks / c["kDbiasKeyBlocks"])
+    wanted = max(1, math.ceil(2 * max(sms, 1) / max(per_split, 1)))
+    splits = min(wanted, c["kDbiasMaxSplits"], rows)
+    rows_per_split = math.ceil(rows / splits)
+    return math.ceil(rows / rows_per_split)
+
+
+def walk_dbias(q, k, v, dout, bias, key_bias, stats, delta, scale, sms, seed=0, faults: Faults | None = None):
+    """``dbias_kernel``'s schedule in float64: returns the [S, B, H, N, Np] partial
+    sums (NaN where unwritten)."""
+    faults = faults or Faults()
+    c = dbias_config()
+    blk, qb, kbk, stages = c["block"], c["query_blocks"], c["key_blocks"], c["stages"]
+    consumers = qb * kbk
+    b_, rows, heads, n, d = q.shape
+    n_pad = bias.shape[-1]
+    elem = 2
+    rows_tile, score_tile, key_vec = blk * d * elem, blk * blk * elem, blk * 4
+    splits = dbias_splits(b_, rows, heads, n, sms, c)
+    rows_per_split = math.ceil(rows / splits)
+    query_supers, key_supers = math.ceil(math.ceil(n / blk) / qb), math.ceil(math.ceil(n / blk) / kbk)
+
+    def rows_gl(t):
+        return t.reshape(b_, rows * heads, n, d)
+
+    qg, kg, vg, dog = rows_gl(q), rows_gl(k), rows_gl(v), rows_gl(dout)
+    kbg = key_bias.reshape(1, b_, rows, n_pad)
+    partial = torch.full((splits, b_, heads, n, n_pad), float("nan"), dtype=torch.float64)
+
+    def run_block(block: int) -> None:
+        tile = block
+        key_super = tile % key_supers
+        tile //= key_supers
+        query_super = tile % query_supers
+        tile //= query_supers
+        h = tile % heads
+        tile //= heads
+        b = tile % b_
+        split = tile // b_
+        i_begin, i_end = split * rows_per_split, min(rows, (split + 1) * rows_per_split)
+        jb0, kb0 = query_super * qb, key_super * kbk
+
+        bias_ready = MBarrier("bias_ready", 1)
+        ready = [MBarrier(f"pipeline.ready[{s}]", 1) for s in range(stages)]
+        free = [MBarrier(f"pipeline.free[{s}]", consumers * 4) for s in range(stages)]
+        buffers = [Buffer() for _ in range(stages)]
+        bias_s = {}
+        bias_ready.expect_bytes(consumers * score_tile)
+        for cj in range(qb):
+            for ck in range(kbk):
+                box, moved = tma_load(bias, (1, 1, blk, blk), (b, h, jb0 + cj, kb0 + ck), elem)
+                bias_s[cj * kbk + ck] = box[0, 0]
+                bias_ready.complete_tx(moved)
+
+        def producer():
+            stage_bytes = qb * 2 * rows_tile + kbk * (2 * rows_tile + key_vec) + faults.stage_bytes_delta
+            for step, i in enumerate(range(i_begin, i_end)):
+                s = step % stages
+                if step >= stages:
+                    yield Wait(free[s], ((step // stages) - 1) & 1, "producer", step)
+                ready[s].expect_bytes(stage_bytes)
+                buf = buffers[s]
+                buf.step = step
+                depth = i * heads + h
+                for cj in range(qb):
+                    for name, g in (("q", qg), ("do", dog)):
+                        box, moved = tma_load(g, (1, 1, blk, d), (b, depth, jb0 + cj, 0), elem)
+                        buf.tiles[name, cj] = box[0, 0]
+                        ready[s].complete_tx(moved)
+                for ck in range(kbk):
+                    for name, g in (("k", kg), ("v", vg)):
+                        box, moved = tma_load(g, (1, 1, blk, d), (b, depth, kb0 + ck, 0), elem)
+                        buf.tiles[name, ck] = box[0, 0]
+                        ready[s].complete_tx(moved)
+                    box, moved = tma_load(kbg, (1, 1, 1, blk), (0, b, i, kb0 + ck), 4)
+                    buf.tiles["key", ck] = box[0, 0, 0]
+                    ready[s].complete_tx(moved)
+
+        def consumer(wg):
+            cj, ck = wg // kbk, wg % kbk
+            jb, kb = jb0 + cj, kb0 + ck
+            acc = torch.zeros(blk, blk, dtype=torch.float64)
+            yield Wait(bias_ready, 0, f"consumer {wg}", -1)
+            rows_q = jb * blk + torch.arange(blk)
+            inside = rows_q < n
+            for step, i in enumerate(range(i_begin, i_end)):
+                r_max = torch.full((blk,), math.inf, dtype=torch.float64)
+                r_log = torch.zeros(blk, dtype=torch.float64)
+                r_delta = torch.zeros(blk, dtype=torch.float64)
+                r_max[inside] = stats[b, i, h, rows_q[inside], 0]
+                r_log[inside] = stats[b, i, h, rows_q[inside], 1]
+                r_delta[inside] = delta[b, i, h, rows_q[inside]]
+                s = step % stages
+                yield Wait(ready[s], ((step // stages) & 1) ^ int(faults.ready_parity_flip), f"consumer {wg}", step)
+                buf = buffers[s]
+                if buf.step != step:
+                    raise Fault(f"consumer {wg} at step {step} reads buffer {s} holding step {buf.step}")
+                att = (buf.tiles["q", cj] @ buf.tiles["k", ck].T) * (scale * LOG2E) + buf.tiles["key", ck][None, :]
+                att = att + bias_s[wg] * LOG2E
+                att[:, (kb * blk + torch.arange(blk)) >= n] = -math.inf
+                dp = buf.tiles["do", cj] @ buf.tiles["v", ck].T
+                if not (faults.skip_release and wg == 0):
+                    for _ in range(4):
+                        free[s].arrive()
+                p = torch.exp2((att - r_max[:, None]) - r_log[:, None])
+                acc = acc + p * (dp - r_delta[:, None])
+            if kb * blk >= n_pad:
+                return
+            for r in range(blk):  # plain stores of rows < N
+                row = jb * blk + r
+                if row < n:
+                    partial[split, b, h, row, kb * blk:(kb + 1) * blk] = acc[r]
+
+        coroutines = {"producer": producer(), **{f"consumer {w}": consumer(w) for w in range(consumers)}}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+
+    for block in range(splits * b_ * heads * query_supers * key_supers):
+        run_block(block)
+    return partial
+
+
+@pytest.mark.parametrize("sms", [1, 132], ids=lambda s: f"sms{s}")
+@pytest.mark.parametrize(("n", "rows"), WALKS, ids=[f"N{n}-I{i}" for n, i in WALKS])
+def test_dbias_walk_equals_the_emulation(n, rows, sms):
+    q, k, v, dout, bias, mask, bias_p, kb, o, stats, delta, scale = _backward_inputs(n, rows, 32, seed=n * 3 + rows)
+    partial = walk_dbias(q, k, v, dout, bias_p, kb, stats, delta, scale, sms=sms, seed=n)
+    splits = partial.shape[0]
+    assert 1 <= splits <= min(rows, 16) and (sms == 1) == (splits == 1)
+    assert torch.isfinite(partial).all(), "dbias elements the schedule never writes"
+    assert (partial[..., n:] == 0).all(), "keys past N carry no gradient"
+    want = tk_attention.emulate_backward(dout, q, k, v, bias, mask, o, stats, scale, 1e9)[3]
+    # At N = 1 dbias is zero up to rounding (one key: the softmax is constant).
+    err = (partial.sum(0)[..., :n] - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+    print(f"N={n} I={rows} splits={splits}: max error / max {err:.2e}")
+    assert err < 1e-8
+
+
+@pytest.mark.parametrize(("fault", "error", "message"), [
+    (Faults(stage_bytes_delta=-64), Fault, r"delivered beyond expect_bytes"),
+    (Faults(skip_release=True), Hang, r"producer waits on pipeline.free\[0\] parity 0 at step 3"),
+], ids=["expect-too-few-bytes", "missing-release"])
+def test_the_dbias_walk_catches_phase_and_byte_bugs(fault, error, message):
+    q, k, v, dout, _, _, bias_p, kb, _, stats, delta, scale = _backward_inputs(70, 5, 16, seed=4)
+    with pytest.raises(error, match=message):
+        walk_dbias(q, k, v, dout, bias_p, kb, stats, delta, scale, sms=1, faults=fault)
