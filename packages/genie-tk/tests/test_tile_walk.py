@@ -927,3 +927,104 @@ def test_the_dbias_walk_catches_phase_and_byte_bugs(fault, error, message):
     q, k, v, dout, _, _, bias_p, kb, _, stats, delta, scale = _backward_inputs(70, 5, 16, seed=4)
     with pytest.raises(error, match=message):
         walk_dbias(q, k, v, dout, bias_p, kb, stats, delta, scale, sms=1, faults=fault)
+
+
+# ---------------------------------------------------------------- tri-mul input pass walk
+
+
+def walk_input(z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, eps, sms, seed=0, phase_flip=False):
+    """``input_kernel``'s schedule (trimul_input_sm90.cu) in float64: the persistent
+    grid of blocks with two independent warpgroups, each walking pair tiles
+    ``t = 2 * block + wg, + 2 * grid, ...`` with its own z_arrived barrier and
+    phase bit; returns (ab [2, B, H, N, Np], moments [4])."""
+    c = _constants("config", TRIMUL_CSRC / "trimul_input_sm90.cu", d=0)
+    wgs, pairs = c["warpgroups"], c["pairs"]
+    batch, n, _, ch = z.shape
+    hidden = p_w.shape[0] // 2
+    units = 2 * hidden // 64
+    n_pad = math.ceil(n / pairs) * pairs
+    row_tiles = n_pad // pairs
+    num_tiles = batch * n * row_tiles
+    grid = min(math.ceil(num_tiles / wgs), sms)
+    ab = torch.full((2 * batch, hidden, n, n_pad), float("nan"), dtype=torch.float64)
+    moments = torch.zeros(4, dtype=torch.float64)
+    elem = 2
+
+    def run_block(block: int) -> None:
+        z_arrived = [MBarrier(f"input.z_arrived[{w}]", 1) for w in range(wgs)]
+
+        def warpgroup(wg):
+            phase = 0
+            sums = torch.zeros(4, dtype=torch.float64)
+            for t in range(block * wgs + wg, num_tiles, grid * wgs):
+                bi, jt = divmod(t, row_tiles)
+                b, i = divmod(bi, n)
+                z_arrived[wg].expect_bytes(pairs * ch * elem)
+                box, moved = tma_load(z, (1, 1, pairs, ch), (b, i, jt, 0), elem)
+                z_arrived[wg].complete_tx(moved)
+                j = jt * pairs + torch.arange(pairs)
+                m = torch.zeros(pairs, dtype=torch.float64)  # the padding columns j >= N stay zero
+                m[j < n] = 1.0 if mask is None else mask[b, i, j[j < n]]
+                yield Wait(z_arrived[wg], phase ^ int(phase_flip), f"warpgroup {wg}", t)
+                phase ^= 1
+                zn = torch.nn.functional.layer_norm(box[0, 0], (ch,), ln_w, ln_b, eps)  # pairs x C
+                for u in range(units):
+                    f = slice(u * 64, (u + 1) * 64)
+                    proj = p_w[f] @ zn.T  # features x pairs, channel-first
+                    gate = g_w[f] @ zn.T
+                    val = m[None, :] * torch.sigmoid(gate + g_b[f, None]) * (proj + p_b[f, None])
+                    s = u // (units // 2)  # 0: a, 1: b
+                    sums[2 * s] += val.sum()
+                    sums[2 * s + 1] += (val * val).sum()
+                    # A store along the channel axis: box (64 channels) x (64 pairs) at
+                    # {s * B + b, u % (units / 2), i, jt}.
+                    tma_store(ab, val[:, None, :].unsqueeze(0), (s * batch + b, u % (units // 2), i, jt))
+            moments.add_(sums)
+
+        coroutines = {f"warpgroup {w}": warpgroup(w) for w in range(wgs)}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+
+    for block in range(grid):
+        run_block(block)
+    return ab.reshape(2, batch, hidden, n, n_pad), moments
+
+
+# One channel configuration per N (the walk visits every pair tile: B * N * Np / 64 of them).
+INPUT_WALKS = [(n, 128, 64) if k % 2 else (n, 64, 128) for k, n in enumerate(CONTRACT_N)]
+
+
+@pytest.mark.parametrize(("n", "c", "hidden"), INPUT_WALKS, ids=[f"N{n}-c{c}-h{h}" for n, c, h in INPUT_WALKS])
+def test_input_walk_equals_the_emulation(n, c, hidden):
+    from genie_tk import tk_trimul
+
+    g = torch.Generator().manual_seed(n + c)
+    batch = 2 if n < 100 else 1
+    z = torch.randn(batch, n, n, c, generator=g, dtype=torch.float64)
+    mask = (torch.rand(batch, n, n, generator=g) > 0.1).double()
+    weights = [torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+               for shape, scale in (((c,), 1), ((c,), 1), ((2 * hidden, c), c ** -0.5), ((2 * hidden,), 1),
+                                    ((2 * hidden, c), c ** -0.5), ((2 * hidden,), 1))]
+    args = (z, mask, *weights, 1e-5)
+    ab, moments = walk_input(*args, sms=5, seed=n)
+    want = torch.empty_like(ab)
+    want_moments = torch.zeros(4, dtype=torch.float64)
+    tk_trimul.Emulation.trimul_input(want, want_moments, *args)
+    assert torch.isfinite(ab).all(), "elements of a/b the schedule never writes"
+    assert torch.all(ab[..., n:] == 0), "padding columns must come out zero"
+    err = (ab - want).abs().max().item()
+    print(f"N={n} c={c} hidden={hidden}: max |ab - emulation| {err:.2e}")
+    assert err < 1e-10
+    torch.testing.assert_close(moments, want_moments, rtol=1e-12, atol=1e-9)
+
+
+def test_the_input_walk_catches_a_phase_bug():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 40, 40, 64, generator=g, dtype=torch.float64)
+    weights = [torch.ones(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64),
+               torch.randn(128, 64, generator=g, dtype=torch.float64), torch.zeros(128, dtype=torch.float64),
+               torch.randn(128, 64, generator=g, dtype=torch.float64), torch.zeros(128, dtype=torch.float64)]
+    with pytest.raises(Hang, match=r"warpgroup 0 waits on input.z_arrived\[0\] parity 1 at step 0"):
+        walk_input(z, None, *weights, 1e-5, sms=3, phase_flip=True)
