@@ -1,4 +1,8 @@
-"""CPU tile-walk models of the attention forward and tri-mul contraction kernels, run in CI.
+"""CPU tile-walk models of every tk kernel, run in CI.
+
+Models: the attention forward (first and in most detail), dq/dk/dv, dbias, and
+the tri-mul contraction, input and output passes; the bwd_delta kernel is a
+plain row reduction and is left to the GPU tests.
 
 The kernel (csrc/triangle_attention/triangle_attention_fwd_sm90.cuh) has never
 run on a GPU; this walks its schedule on the CPU, step by step, with the same
@@ -1028,3 +1032,74 @@ def test_the_input_walk_catches_a_phase_bug():
                torch.randn(128, 64, generator=g, dtype=torch.float64), torch.zeros(128, dtype=torch.float64)]
     with pytest.raises(Hang, match=r"warpgroup 0 waits on input.z_arrived\[0\] parity 1 at step 0"):
         walk_input(z, None, *weights, 1e-5, sms=3, phase_flip=True)
+
+
+# ---------------------------------------------------------------- tri-mul output pass walk
+
+
+def walk_output(x, z, ln_in_w, ln_in_b, ln_out_w, ln_out_b, z_w, z_b, g_w, g_b, eps, sms, seed=0):
+    """``output_kernel``'s schedule (trimul_output_sm90.cu) in float64: two independent
+    warpgroups per block striding over pair tiles, each tile's x block (channels x
+    64 pairs, along the channel axis) and z block (64 pairs x C) on one
+    inputs_arrived barrier, LayerNorm of z's rows and x's columns, the gated
+    projection, and the 64 x C store with pairs >= N dropped."""
+    c = _constants("config", TRIMUL_CSRC / "trimul_output_sm90.cu", d=0)
+    wgs, pairs = c["warpgroups"], c["pairs"]
+    batch, n, _, ch = z.shape
+    hidden, n_pad = x.shape[1], x.shape[-1]
+    row_tiles = n_pad // pairs
+    num_tiles = batch * n * row_tiles
+    grid = min(math.ceil(num_tiles / wgs), sms)
+    out = torch.full_like(z, float("nan"))
+    elem = 2
+
+    def run_block(block: int) -> None:
+        arrived = [MBarrier(f"output.inputs_arrived[{w}]", 1) for w in range(wgs)]
+
+        def warpgroup(wg):
+            phase = 0
+            for t in range(block * wgs + wg, num_tiles, grid * wgs):
+                bi, jt = divmod(t, row_tiles)
+                b, i = divmod(bi, n)
+                arrived[wg].expect_bytes((hidden * pairs + pairs * ch) * elem)
+                # x along the channel axis: a (hidden) x (64 pairs) box at {b, 0, i, jt}.
+                xs, moved = tma_load(x.transpose(1, 2), (1, 1, hidden, pairs), (b, i, 0, jt), elem)
+                arrived[wg].complete_tx(moved)
+                zs, moved = tma_load(z, (1, 1, pairs, ch), (b, i, jt, 0), elem)
+                arrived[wg].complete_tx(moved)
+                yield Wait(arrived[wg], phase, f"warpgroup {wg}", t)
+                phase ^= 1
+                zn = torch.nn.functional.layer_norm(zs[0, 0], (ch,), ln_in_w, ln_in_b, eps)  # pairs x C
+                xn = torch.nn.functional.layer_norm(xs[0, 0].T, (hidden,), ln_out_w, ln_out_b, eps)  # pairs x H
+                y = torch.sigmoid(zn @ g_w.T + g_b) * (xn @ z_w.T + z_b)
+                tma_store(out, y[None, None], (b, i, jt, 0))
+
+        coroutines = {f"warpgroup {w}": warpgroup(w) for w in range(wgs)}
+        try:
+            run_coroutines(coroutines, seed * 1_000_003 + block)
+        except Hang as exc:
+            raise Hang(f"block {block}: {exc}") from None
+
+    for block in range(grid):
+        run_block(block)
+    return out
+
+
+@pytest.mark.parametrize(("n", "c", "hidden"), INPUT_WALKS, ids=[f"N{n}-c{c}-h{h}" for n, c, h in INPUT_WALKS])
+def test_output_walk_equals_the_emulation(n, c, hidden):
+    from genie_tk import tk_trimul
+
+    g = torch.Generator().manual_seed(2 * n + c)
+    batch = 2 if n < 100 else 1
+    z = torch.randn(batch, n, n, c, generator=g, dtype=torch.float64)
+    x = _channel_first(batch, hidden, n, seed=n) * 3
+    weights = [torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+               for shape, scale in (((c,), 1), ((c,), 1), ((hidden,), 1), ((hidden,), 1), ((c, hidden), hidden ** -0.5),
+                                    ((c,), 1), ((c, c), c ** -0.5), ((c,), 1))]
+    got = walk_output(x, z, *weights, 1e-5, sms=5, seed=n)
+    want = torch.empty_like(z)
+    tk_trimul.Emulation.trimul_output(want, x, z, *weights, 1e-5)
+    assert torch.isfinite(got).all(), "output elements the schedule never writes"
+    err = (got - want).abs().max().item()
+    print(f"N={n} c={c} hidden={hidden}: max |out - emulation| {err:.2e}")
+    assert err < 1e-10
