@@ -152,7 +152,7 @@ def stages(python: str = "python3", wheels: str = "dist-gpu", debug_build: bool 
     small = "N17 and bf16 and (d32 or ABt or c64)"
     rerun = debug_build
     return [
-        Stage("facts", "(1) device, driver, toolkit, torch", 20, facts, build=None),
+        Stage("facts", "(1) device, driver, toolkit, torch", 15, facts, build=None),
         Stage("install", "carried cp312 wheels (normal, debug) and peer wheels, no build", 40, install, build=None),
         Stage("tile-copy", "(2) TMA round trip tile_copy_sm90", 35,
               _pytest(python, f"{TESTS}/test_build.py", "-m", "cuda", "-k", "tile_copy"), debug_rerun=rerun),
@@ -162,12 +162,19 @@ def stages(python: str = "python3", wheels: str = "dist-gpu", debug_build: bool 
               _pytest(python, KERNEL_TESTS, "-k", "attention_backward"), debug_rerun=rerun),
         Stage("trimul", "(5) tri-mul contract/input/output vs emulation, N=17/100", 50,
               _pytest(python, KERNEL_TESTS, "-k", "trimul"), debug_rerun=rerun),
-        Stage("racecheck", "(6) compute-sanitizer racecheck, N=17", 60, _sanitizer(python, "racecheck", small)),
-        Stage("synccheck", "(6) compute-sanitizer synccheck, N=17", 45, _sanitizer(python, "synccheck", small)),
-        Stage("pytest-cuda", "(7) pytest -m cuda, per-kernel tests first", 120,
-              _pytest(python, "-m", "cuda", KERNEL_TESTS, f"{TESTS}/test_build.py",
-                      f"{TESTS}/test_tk_attention_cuda.py", f"{TESTS}/test_tk_trimul_cuda.py", TESTS,
-                      "packages/flash-genie/tests", "-k", "not triton")),
+        Stage("racecheck", "(6) compute-sanitizer racecheck, N=17", 45, _sanitizer(python, "racecheck", small)),
+        Stage("synccheck", "(6) compute-sanitizer synccheck, N=17", 35, _sanitizer(python, "synccheck", small)),
+        Stage("pytest-cuda", "(7) pytest -m cuda, per-kernel tests first", 150,
+              # Two runs, so that the per-kernel tests come first (pytest orders the
+              # files of a directory itself); flash-genie's tests need gemmi to be
+              # collected (carried in .whl/).
+              "rc=0\n"
+              + shlex.join(_pytest(python, "-m", "cuda", KERNEL_TESTS, f"{TESTS}/test_build.py")) + " || rc=$?\n"
+              f"fg=packages/flash-genie/tests\n{python} -c 'import gemmi' 2>/dev/null || "
+              "{ echo 'gemmi is not importable: flash-genie tests left out (carry its wheel in .whl/)'; fg=; }\n"
+              + shlex.join(_pytest(python, "-m", "cuda", TESTS, f"--ignore={KERNEL_TESTS}",
+                                   f"--ignore={TESTS}/test_build.py", "-k", "not triton"))
+              + " $fg || { r=$?; [ $rc -eq 0 ] && rc=$r; }\nexit $rc\n"),
         Stage("triton", "(7) pytest -m cuda -k triton (the triton backend)", 30,
               _pytest(python, "-m", "cuda", TESTS, "-k", "triton"), no_tests_ok=True),
         Stage("bench", "(8) kernel benchmarks (genie_bench), only after (7) passed", 45,

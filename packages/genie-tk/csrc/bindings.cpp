@@ -15,6 +15,7 @@
 
 #include "common/cuda_utils.h"
 #include "common/driver_shim.h"
+#include "common/kernel_setup.h"
 #include "common/tensor_checks.h"
 #include "common/tile_copy_sm90.h"
 #include "triangle_attention/bindings_attention.h"
@@ -39,7 +40,19 @@ nb::dict info() {
     }
     d["archs"] = archs;
     d["thunderkittens_commit"] = GENIE_TK_THUNDERKITTENS_COMMIT;
+#ifdef GENIE_TK_DEBUG
+    d["debug"] = true;
+#else
+    d["debug"] = false;
+#endif
     return d;
+}
+
+std::string register_budget_error_py(const std::string& kernel, int num_regs, int threads, int producer_warpgroups,
+                                     int producer_registers, int consumer_warpgroups, int consumer_registers) {
+    return register_budget_error(kernel.c_str(), num_regs,
+                                 RegisterBudget{threads, producer_warpgroups, producer_registers, consumer_warpgroups,
+                                                consumer_registers});
 }
 
 void tile_copy_sm90_py(nb::ndarray<> dst, nb::ndarray<> src, std::uintptr_t stream) {
@@ -69,7 +82,15 @@ NB_MODULE(_C, m) {
 
     m.def("info", &genie_tk::info,
           "Build facts: {'cuda_kernels': True, 'cuda_version': nvcc version, 'archs': ['90a'], "
-          "'thunderkittens_commit': commit or 'local'}.");
+          "'thunderkittens_commit': commit or 'local', 'debug': built with GENIE_TK_DEBUG (bounded "
+          "barrier waits that report and trap instead of hanging, -lineinfo)}.");
+
+    m.def("register_budget_error", &genie_tk::register_budget_error_py, "kernel"_a, "num_regs"_a, "threads"_a,
+          "producer_warpgroups"_a, "producer_registers"_a, "consumer_warpgroups"_a, "consumer_registers"_a,
+          "The check every warp-specialised kernel runs at its first launch: '' when its setmaxnreg "
+          "budgets fit a CTA of `threads` threads that start with `num_regs` registers each "
+          "(cudaFuncGetAttributes().numRegs), otherwise the reason (the launch raises it as a "
+          "RuntimeError instead of hanging in setmaxnreg.inc).");
 
     m.def("driver_status", &genie_tk::driver_status,
           "'' when the CUDA driver entry points resolve, otherwise why the kernels cannot run. "

@@ -40,8 +40,9 @@ def _extension():
 def test_info_describes_the_build():
     info = _extension().info()
     print(info)
-    assert set(info) == {"cuda_kernels", "cuda_version", "archs", "thunderkittens_commit"}
+    assert set(info) == {"cuda_kernels", "cuda_version", "archs", "thunderkittens_commit", "debug"}
     assert info["cuda_kernels"] is True
+    assert isinstance(info["debug"], bool)
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", info["cuda_version"])
     assert info["archs"] == ["90a"]
     commit = info["thunderkittens_commit"]
@@ -66,6 +67,40 @@ def test_tile_copy_sm90_rejects_cpu_tensors_naming_the_argument():
 def test_tile_copy_sm90_rejects_non_arrays():
     with pytest.raises(TypeError):
         _extension().tile_copy_sm90([1.0], [1.0], 0)
+
+
+# (kernel, threads, producer registers, consumer warpgroups, consumer registers,
+# registers per thread at entry): the kernels' budgets and the count ptxas gives
+# them under __launch_bounds__(threads, 1) (65536 / threads, down to a multiple of 8).
+BUDGETS = [
+    ("attention fwd d<=32", 640, 24, 4, 112, 96),
+    ("attention fwd d=64, dq/dk/dv, dbias", 384, 24, 2, 240, 168),
+    ("trimul contract", 384, 40, 2, 232, 168),
+]
+
+
+@pytest.mark.parametrize(("kernel", "threads", "producer", "consumers", "consumer", "regs"), BUDGETS,
+                         ids=[b[0] for b in BUDGETS])
+def test_register_budget_check_accepts_the_kernels_budgets(kernel, threads, producer, consumers, consumer, regs):
+    check = _extension().register_budget_error
+    assert check(kernel, regs, threads, 1, producer, consumers, consumer) == ""
+    # Fewer registers at entry than the cap (ptxas needed fewer): the pool
+    # shrinks and setmaxnreg.inc would wait forever; the launch raises instead.
+    error = check(kernel, regs - 16, threads, 1, producer, consumers, consumer)
+    print(error)
+    assert error.startswith(f"genie_tk: {kernel}: setmaxnreg budgets need ")
+    assert "would wait forever" in error
+
+
+def test_register_budget_check_names_what_is_wrong():
+    check = _extension().register_budget_error
+    assert check("k", 40, 256, 0, 0, 0, 0) == ""  # no setmaxnreg: nothing to check
+    assert "covers 3 warpgroups but the kernel launches 256 threads" in check("k", 168, 256, 1, 24, 2, 240)
+    assert "24..256 registers in steps of 8" in check("k", 168, 384, 1, 20, 2, 240)
+    assert "cannot raise it" in check("k", 96, 384, 1, 104, 2, 240)
+    assert "cannot lower it" in check("k", 168, 384, 1, 24, 2, 160)
+    # numRegs is rounded up to the allocation unit of 8 per thread.
+    assert check("k", 161, 384, 1, 24, 2, 232) == check("k", 168, 384, 1, 24, 2, 232) == ""
 
 
 # ------------------------------------------------------------ CMake configure

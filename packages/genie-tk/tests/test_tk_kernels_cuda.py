@@ -129,7 +129,9 @@ def test_attention_backward(n, rows, dt, d):
 
     delta = torch.full((b, rows, h, n), NAN, device="cuda")
     ext.triangle_attention_bwd_delta(delta, dout, o, _stream())
-    _check("delta", delta, (dout.float() * o.float()).sum(-1), 1e-5, row_dims=0)
+    # Rows (b, i, h) over the queries: an element near zero by cancellation is
+    # measured against its row's scale, not its own.
+    _check("delta", delta, (dout.float() * o.float()).sum(-1), 1e-5)
 
     dq = torch.zeros(q.shape, device="cuda")  # the kernel adds into it
     dk, dv = torch.full_like(k, NAN), torch.full_like(v, NAN)

@@ -8,6 +8,7 @@
 #include "common/tile_copy_sm90.h"
 
 #include "common/cuda_utils.h"
+#include "common/debug_wait.cuh"
 #include "kittens.cuh"
 
 #include <stdexcept>
@@ -51,7 +52,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void tile_copy_kernel(const
         init_semaphore(arrived, 0, 1);
         tma::expect_bytes(arrived, sizeof(globals::tile));
         tma::load_async(tile, g.src, index, arrived);
-        wait(arrived, 0);
+        GENIE_TK_WAIT(arrived, 0, "tile_copy.arrived", 0);
         tma::store_async(g.dst, tile, index);
         // Shared memory must outlive the bulk store's reads.
         tma::store_async_wait();

@@ -45,6 +45,7 @@ struct dqkv_config {
     static constexpr int threads = (consumers + 1) * WARPGROUP_THREADS;
     static constexpr int producer_registers = 24;
     static constexpr int consumer_registers = 240;
+    static constexpr RegisterBudget budget{threads, 1, producer_registers, consumers, consumer_registers};
     // Named barriers (0 is __syncthreads): both consumers; consumer 0 alone.
     static constexpr int consumers_barrier = 1;
     static constexpr int dq_barrier = 2;
@@ -153,7 +154,7 @@ __global__ __launch_bounds__(dqkv_config::threads, 1) void dqkv_kernel(const __g
     warp::zero(dk);
     warp::zero(dv);
 
-    wait(kv_ready, 0);
+    GENIE_TK_WAIT(kv_ready, 0, "dqkv.kv_ready", 0);
     for (int qt = 0; qt < query_tiles; ++qt) {
         const int buf = qt % 2;
         const row_stats stats = load_row_stats(g.stats, g.delta, slice, qt * kBlock + warpgroup::warpid() * 16, g.n);
@@ -226,6 +227,7 @@ struct dbias_config {
     // spill with the 96 registers per thread of four (checked with -Xptxas -v).
     static constexpr int producer_registers = 24;
     static constexpr int consumer_registers = 240;
+    static constexpr RegisterBudget budget{threads, 1, producer_registers, consumers, consumer_registers};
 };
 
 template <typename T, int D>
@@ -338,7 +340,7 @@ __global__ __launch_bounds__(dbias_config::threads, 1) void dbias_kernel(const _
     typename tl::scores acc;
     typename tl::scores_mma bias;  // constant over the loop: kept in registers, in bf16/fp16
     warp::zero(acc);
-    wait(bias_ready, 0);
+    GENIE_TK_WAIT(bias_ready, 0, "dbias.bias_ready", 0);
     warpgroup::load(bias, bias_s[wg]);
 
     for (int step = 0, i = i_begin; i < i_end; ++step, ++i) {
@@ -406,8 +408,8 @@ void launch_dqkv(const TriangleAttentionBwdArgs& a, cudaStream_t stream) {
     };
     static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(p.batch) * p.rows * p.heads * key_supers;
-    launch(dqkv_kernel<T, D>, g, dim3(grid_size(ctas)), dqkv_config::threads, G::dynamic_shared_memory(), stream,
-           "launching the triangle attention dq/dk/dv kernel");
+    launch(dqkv_kernel<T, D>, g, dim3(grid_size(ctas)), dqkv_config::budget, G::dynamic_shared_memory(), stream,
+           "the triangle attention dq/dk/dv kernel");
 }
 
 template <AttentionDtype DT, int D>
@@ -444,8 +446,8 @@ void launch_dbias(const TriangleAttentionBwdArgs& a, cudaStream_t stream) {
     };
     static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(splits) * p.batch * p.heads * query_supers * key_supers;
-    launch(dbias_kernel<T, D>, g, dim3(grid_size(ctas)), dbias_config::threads, G::dynamic_shared_memory(), stream,
-           "launching the triangle attention dbias kernel");
+    launch(dbias_kernel<T, D>, g, dim3(grid_size(ctas)), dbias_config::budget, G::dynamic_shared_memory(), stream,
+           "the triangle attention dbias kernel");
 }
 
 }  // namespace triangle_attention_sm90

@@ -17,6 +17,8 @@
 #include <cstdint>
 
 #include "common/cuda_utils.h"
+#include "common/debug_wait.cuh"
+#include "common/kernel_setup.h"
 #include "kittens.cuh"
 #include "triangle_attention/triangle_attention.h"
 
@@ -101,14 +103,14 @@ struct pipeline {
     // round on), announces `bytes` of TMA loads on it; returns the buffer.
     __device__ inline int acquire(int step, uint32_t bytes) {
         const int s = step % Stages;
-        if (step >= Stages) kittens::wait(free[s], ((step / Stages) - 1) & 1);
+        if (step >= Stages) GENIE_TK_WAIT(free[s], ((step / Stages) - 1) & 1, "pipeline.free", step);
         tma::expect_bytes(ready[s], bytes);
         return s;
     }
     // Consumers: waits until the loads of `step` have landed; returns the buffer.
     __device__ inline int wait_ready(int step) {
         const int s = step % Stages;
-        kittens::wait(ready[s], (step / Stages) & 1);
+        GENIE_TK_WAIT(ready[s], (step / Stages) & 1, "pipeline.ready", step);
         return s;
     }
     // Consumer warp: done with the buffer of `step` (its MMAs on it waited,
@@ -237,14 +239,14 @@ inline unsigned grid_size(long long ctas) {
     return static_cast<unsigned>(ctas);
 }
 
-// Opts the kernel in to `bytes` of dynamic shared memory, launches it on
-// `stream` and reports a launch error naming `what`.
+// Prepares the kernel at its first launch on this device (shared memory
+// opt-in, setmaxnreg budget against the registers it is given: kernel_setup.h),
+// launches it on `stream` and reports a launch error naming `what`.
 template <typename Kernel, typename Globals>
-void launch(Kernel kernel, const Globals& g, dim3 grid, int threads, std::size_t bytes, cudaStream_t stream,
-            const char* what) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-               what);
-    kernel<<<grid, threads, bytes, stream>>>(g);
+void launch(Kernel kernel, const Globals& g, dim3 grid, const RegisterBudget& budget, std::size_t bytes,
+            cudaStream_t stream, const char* what) {
+    prepare_kernel(kernel, what, bytes, &budget);
+    kernel<<<grid, budget.threads, bytes, stream>>>(g);
     cuda_check(cudaGetLastError(), what);
 }
 

@@ -46,6 +46,7 @@ struct fwd_config {
     // setmaxnreg budget: 128 * (24 + consumers * consumer_registers) <= 65536.
     static constexpr int producer_registers = 24;
     static constexpr int consumer_registers = consumers == 4 ? 112 : 240;
+    static constexpr RegisterBudget budget{threads, 1, producer_registers, consumers, consumer_registers};
 };
 
 template <typename T, int D>
@@ -147,7 +148,7 @@ __global__ __launch_bounds__(fwd_config<D>::threads, 1) void fwd_kernel(const __
     warp::neg_infty(row_max);
     warp::zero(row_sum);
 
-    wait(q_ready, 0);
+    GENIE_TK_WAIT(q_ready, 0, "fwd.q_ready", 0);
     for (int kt = 0; kt < key_tiles; ++kt) {
         const int s = pipe.wait_ready(kt);
 
@@ -236,8 +237,8 @@ void launch_fwd(const TriangleAttentionFwdArgs& a, cudaStream_t stream) {
     };
     static_assert(G::dynamic_shared_memory() <= kMaxDynamicSharedMemory);
     const long long ctas = static_cast<long long>(p.batch) * row_groups * p.heads * query_supers;
-    launch(fwd_kernel<T, D>, g, dim3(grid_size(ctas)), fwd_config<D>::threads, G::dynamic_shared_memory(),
-           stream, "launching the triangle attention forward kernel");
+    launch(fwd_kernel<T, D>, g, dim3(grid_size(ctas)), fwd_config<D>::budget, G::dynamic_shared_memory(), stream,
+           "the triangle attention forward kernel");
 }
 
 }  // namespace triangle_attention_sm90

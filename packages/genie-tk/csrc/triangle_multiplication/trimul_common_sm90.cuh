@@ -5,6 +5,8 @@
 #pragma once
 
 #include "common/cuda_utils.h"
+#include "common/debug_wait.cuh"
+#include "common/kernel_setup.h"
 #include "kittens.cuh"
 #include "triangle_multiplication/triangle_multiplication.h"
 
@@ -173,12 +175,13 @@ inline int pair_tiles(int batch, int n, const char* name) {
 }
 
 // Launches `kernel(g)` on a persistent grid: min(blocks, multiprocessors) blocks
-// of `threads` threads with `smem` bytes of dynamic shared memory.
+// of `threads` threads with `smem` bytes of dynamic shared memory. The first
+// launch on a device prepares the kernel (kernel_setup.h) and checks its
+// setmaxnreg `budget`, if it has one.
 template <typename Kernel, typename Globals>
 void launch_persistent(Kernel kernel, const Globals& g, long long blocks, int threads, size_t smem,
-                       cudaStream_t stream, const char* name) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               name);
+                       cudaStream_t stream, const char* name, const RegisterBudget* budget = nullptr) {
+    prepare_kernel(kernel, name, smem, budget);
     int device = 0, sms = 0;
     cuda_check(cudaGetDevice(&device), "cudaGetDevice");
     cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");

@@ -36,6 +36,8 @@ struct config {
     // 64 x 256 fp32 accumulators (128 registers per thread).
     static constexpr int producer_registers = 40;
     static constexpr int consumer_registers = 232;
+    static constexpr RegisterBudget budget{num_threads, 1, producer_registers, consumer_warpgroups,
+                                           consumer_registers};
 };
 
 template <typename T, TrimulContraction Mode>
@@ -116,7 +118,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void contract_kernel(const 
             const task_coord t = decode(g, task);
             for (int k = 0; k < g.k_iters; ++k, ++it) {
                 const int s = it % config::stages;
-                wait(empty[s], ((it / config::stages) & 1) ^ 1);
+                GENIE_TK_WAIT(empty[s], ((it / config::stages) & 1) ^ 1, "contract.empty", it);
                 tma::expect_bytes(full[s], sizeof(stage));
                 for (int w = 0; w < config::consumer_warpgroups; ++w) {
                     const int m = t.tile_m * config::consumer_warpgroups + w;
@@ -149,7 +151,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void contract_kernel(const 
         warp::zero(acc);
         for (int k = 0; k < g.k_iters; ++k, ++it) {
             const int s = it % config::stages;
-            wait(full[s], (it / config::stages) & 1);
+            GENIE_TK_WAIT(full[s], (it / config::stages) & 1, "contract.full", it);
             const auto& b_block = *reinterpret_cast<const typename G::b_block*>(&stages[s].b[0]);
             warpgroup::mma<G::trans_a ? transpose::T : transpose::N, G::trans_b ? transpose::T : transpose::N>(
                 acc, stages[s].a[wg], b_block);
@@ -191,7 +193,7 @@ void launch(const TrimulContractArgs& args, cudaStream_t stream) {
         static_cast<int>(tasks),
     };
     trimul::launch_persistent(contract_kernel<T, Mode>, g, tasks, config::num_threads, G::dynamic_shared_memory(),
-                              stream, "genie_tk.trimul_contract");
+                              stream, "genie_tk.trimul_contract", &config::budget);
 }
 
 template <typename T>

@@ -96,7 +96,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __g
         g_bias[k] = g.g_bias[k];
     }
     __syncthreads();
-    wait(weights_arrived, 0);
+    GENIE_TK_WAIT(weights_arrived, 0, "input.weights_arrived", 0);
 
     const int wg = warpgroup::groupid();
     const int lane = warpgroup::laneid();
@@ -125,7 +125,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void input_kernel(const __g
             if (j < g.n) m = g.mask == nullptr ? 1.0f : g.mask[(static_cast<size_t>(b) * g.n + i) * g.n + j];
             mask[wg][lane] = m;
         }
-        wait(z_arrived[wg], phase);
+        GENIE_TK_WAIT(z_arrived[wg], phase, "input.z_arrived", t);
         phase ^= 1;
         trimul::layer_norm_rows<T, C>(mine.z, ln_weight, ln_bias, g.eps);
         // Ordinary shared-memory stores, read next by wgmma.

@@ -95,7 +95,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void output_kernel(const __
         ln_out_bias[k] = g.ln_out_bias[k];
     }
     __syncthreads();
-    wait(weights_arrived, 0);
+    GENIE_TK_WAIT(weights_arrived, 0, "output.weights_arrived", 0);
 
     const int wg = warpgroup::groupid();
     const int lane = warpgroup::laneid();
@@ -119,7 +119,7 @@ __global__ __launch_bounds__(config::num_threads, 1) void output_kernel(const __
                 tma::prefetch(mine.z, g.z, coord<typename G::pair_tile>{next.b, next.i, next.jt, 0});
             }
         }
-        wait(inputs_arrived[wg], phase);
+        GENIE_TK_WAIT(inputs_arrived[wg], phase, "output.inputs_arrived", t);
         phase ^= 1;
         trimul::layer_norm_rows<T, C>(mine.z, ln_in_weight, ln_in_bias, g.eps);
         trimul::layer_norm_columns<T, H>(mine.x, scratch[wg], ln_out_weight, ln_out_bias, g.eps, barrier_id);
