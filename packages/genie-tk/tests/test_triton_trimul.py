@@ -23,6 +23,10 @@ The same matrix at full sizes on a GPU: ``test_triton_trimul_cuda.py``.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,6 +305,24 @@ def test_a_kernel_that_writes_nothing_fails(monkeypatch, kernel):
     result, torch_result, ref = compare(OUT, 1, 5, 16, 16, F32, True, seed=1)
     with pytest.raises(AssertionError, match="over 2x"):
         assert_within_twice_torch(result, torch_result, ref)
+
+
+# ------------------------------------------------------------ the real compiler
+
+
+def test_kernels_compile_for_a_gpu_target():
+    """Triton's compiler and ptxas lower every kernel for sm_80 without a GPU (the
+    interpreter runs Python and would not catch, say, a loop-carried type change)."""
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "triton_trimul_compile.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--arch", "80", "--widths", "32", "--warps", "4",
+                          "--stages", "1", "--dtypes", "fp16"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    print(run.stdout, run.stderr[-4000:])
+    assert run.returncode == 0
+    lines = [line for line in run.stdout.splitlines() if line.startswith("sm_80 ")]
+    assert sorted(line.split()[1] for line in lines) == sorted(
+        ["_input_kernel", "_output_kernel", "_output_bwd_kernel", "_input_bwd_kernel"])
 
 
 # ------------------------------------------------------------ autotuning

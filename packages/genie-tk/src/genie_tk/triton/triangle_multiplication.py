@@ -63,8 +63,10 @@ OP = "triangle_multiplicative_update"
 MAX_CHANNELS = 256  # a tile holds whole rows of C and Ch channels in registers
 # Pairs per tile (fixed: the per-tile partial sums are sized by it); the interpreter's
 # cost is mostly per program, so it takes bigger tiles.
-GPU_BLOCK_M = 64
+# The backward kernels keep twice the whole-row state of the forward ones, so half the pairs.
+GPU_BLOCK_M, GPU_BWD_BLOCK_M = 64, 32
 BLOCK_M = 256 if triton_interpreted() else GPU_BLOCK_M
+BWD_BLOCK_M = 256 if triton_interpreted() else GPU_BWD_BLOCK_M
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _HALF = (torch.float16, torch.bfloat16)
 # Read by the kernels when they are defined: the interpreter stores bfloat16 as raw
@@ -188,7 +190,7 @@ def _input_kernel(ab_ptr, moments_ptr, z_ptr, mask_ptr, ln_w, ln_b, p_w, p_b, g_
                   BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """``ab = mask · σ(zn G_inᵀ + g_in) ⊙ (zn P_inᵀ + p_in)`` channel-first; with
     ``MOMENTS``, this tile's (Σa, Σa², Σb, Σb²) to ``moments [tiles, 4]``."""
-    rows, rmask, cols, cmask, _, _, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
+    rows, rmask, cols, cmask, _zhat, _rstd, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
     keep = rmask.to(tl.float32)
     if HAS_MASK:
         keep = tl.load(mask_ptr + rows, mask=rmask, other=0.0)
@@ -198,7 +200,7 @@ def _input_kernel(ab_ptr, moments_ptr, z_ptr, mask_ptr, ln_w, ln_b, p_w, p_b, g_
     sq_b = tl.zeros([BLOCK_M], tl.float32)
     for f0 in range(0, 2 * CH, BLOCK_H):
         f, fmask, wp, bp = _features(f0, C, CH, cols, cmask, p_w, p_b, BLOCK_H)
-        _, _, wg, bg = _features(f0, C, CH, cols, cmask, g_w, g_b, BLOCK_H)
+        _f, _fmask, wg, bg = _features(f0, C, CH, cols, cmask, g_w, g_b, BLOCK_H)
         proj = _dot(zn, tl.trans(wp), DTYPE) + bp[None, :]
         gate = _dot(zn, tl.trans(wg), DTYPE) + bg[None, :]
         v = _round(_sigmoid(gate) * proj * keep[:, None], DTYPE)
@@ -225,9 +227,9 @@ def _output_kernel(out_ptr, x_ptr, z_ptr, ln_w, ln_b, lo_w, lo_b, po_w, po_b, go
                    DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CH: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     """``out = σ(zn G_outᵀ + g_out) ⊙ (LN_out(x) W_zᵀ + b_z)`` for a tile of pairs."""
-    rows, rmask, cols, cmask, _, _, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
-    hs, hmask, _, x = _x_tile(x_ptr, rows, rmask, NN, CH, BLOCK_CH)
-    _, _, xn = _layer_norm_rows(x, hmask, lo_w, lo_b, hs, CH, eps)
+    rows, rmask, cols, cmask, _zhat, _rstd, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
+    hs, hmask, _x_off, x = _x_tile(x_ptr, rows, rmask, NN, CH, BLOCK_CH)
+    _xhat, _xrstd, xn = _layer_norm_rows(x, hmask, lo_w, lo_b, hs, CH, eps)
     xn = _round(xn, DTYPE)
     for n0 in range(0, C, BLOCK_N):
         o = n0 + tl.arange(0, BLOCK_N)
@@ -252,7 +254,7 @@ def _output_bwd_kernel(dx_ptr, dy_ptr, dgl_ptr, xn_ptr, part_ptr, dout_ptr, x_pt
     dout·gate`` and the gate logits' gradient ``dgl`` (pair-major, for the weight
     GEMMs), ``LN_out(x)``; partial sums to ``part [tiles, PART]``: d lo_w, d lo_b
     (``Ch`` each), Σ dx·x, d po_b, d go_b (``C`` each)."""
-    rows, rmask, cols, cmask, _, _, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
+    rows, rmask, cols, cmask, _zhat, _zrstd, zn = _pair_tile(z_ptr, ln_w, ln_b, R, C, eps, DTYPE, BLOCK_M, BLOCK_C)
     hs, hmask, x_off, x = _x_tile(x_ptr, rows, rmask, NN, CH, BLOCK_CH)
     xhat, rstd, xn = _layer_norm_rows(x, hmask, lo_w, lo_b, hs, CH, eps)
     xn = _round(xn, DTYPE)
@@ -281,6 +283,8 @@ def _output_bwd_kernel(dx_ptr, dy_ptr, dgl_ptr, xn_ptr, part_ptr, dout_ptr, x_pt
     tl.store(part + CH + hs, tl.sum(dxn, 0), mask=hmask)
     dx = _round(_layer_norm_rows_backward(dxn, xhat, rstd, hmask, lo_w, hs, CH), DTYPE)
     tl.store(dx_ptr + x_off, dx, mask=xtile)
+    # x again (L2-hot) rather than kept live through the loop.
+    x = tl.load(x_ptr + x_off, mask=xtile, other=0.0).to(tl.float32)
     tl.store(part + 2 * CH, tl.sum(tl.sum(dx.to(tl.float32) * x, 1), 0))
 
 
@@ -306,7 +310,7 @@ def _input_bwd_kernel(dz_ptr, zn_ptr, dproj_ptr, dsig_ptr, part_ptr, dab_ptr, dg
     dzn = _dot(dgl, wgo, DTYPE)
     for f0 in range(0, 2 * CH, BLOCK_H):
         f, fmask, wp, bp = _features(f0, C, CH, cols, cmask, p_w, p_b, BLOCK_H)
-        _, _, wg, bg = _features(f0, C, CH, cols, cmask, g_w, g_b, BLOCK_H)
+        _f, _fmask, wg, bg = _features(f0, C, CH, cols, cmask, g_w, g_b, BLOCK_H)
         proj = _dot(zn, tl.trans(wp), DTYPE) + bp[None, :]
         sig = _sigmoid(_dot(zn, tl.trans(wg), DTYPE) + bg[None, :])
         tile = rmask[:, None] & fmask[None, :]
@@ -349,24 +353,30 @@ def _device_limits() -> tuple[int, int]:
     return int(props["max_shared_mem"]), 255
 
 
-def fits(config: triton.Config, named_args: dict, shared_bytes: int, registers: int) -> bool:
+def fits(config: triton.Config, named_args: dict, shared_bytes: int, registers: int, rows: float = 1.0) -> bool:
     """Whether a configuration's estimated shared memory (the ``tl.dot`` operands of
-    one feature tile, times the stages) and fp32 registers per thread (the tile's
-    whole-row ``zn``/``x`` operands, accumulators and temporaries) fit the GPU."""
+    one feature tile, times the stages) and fp32 registers per thread (``rows`` whole-row
+    fp32 ``[BLOCK_M, K]`` tensors the kernel keeps live, plus four feature-tile
+    temporaries) fit the GPU. An estimate: ``benchmarks/triton_trimul_compile.py`` prints
+    ptxas' counts beside it; the autotuner then times the configurations it keeps."""
     kw = {**named_args, **config.kwargs}
     width = kw.get("BLOCK_H", kw.get("BLOCK_N"))
     k = max(kw["BLOCK_C"], kw.get("BLOCK_CH", 0))
     elt = 4 if kw["DTYPE"] == tl.float32 else 2
-    smem = (GPU_BLOCK_M * k + 2 * width * k) * elt * max(1, config.num_stages)
-    live = GPU_BLOCK_M * (kw["BLOCK_C"] + kw.get("BLOCK_CH", 0) + 4 * width)
+    block_m = kw.get("BLOCK_M", GPU_BLOCK_M)
+    smem = (block_m * k + 2 * width * k) * elt * max(1, config.num_stages)
+    live = block_m * (rows * k + 4 * width)
     return smem <= shared_bytes and live / (32 * config.num_warps) <= 0.75 * registers
 
 
-def _prune(configs, named_args, **kwargs):
-    shared, registers = _device_limits()
-    kept = [c for c in configs if fits(c, {**named_args, **kwargs}, shared, registers)]
-    # The smallest configuration always runs, possibly spilling, rather than none.
-    return kept or [min(configs, key=lambda c: (c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_N")), c.num_stages))]
+def _pruner(rows: float):
+    def prune(configs, named_args, **kwargs):
+        shared, registers = _device_limits()
+        kept = [c for c in configs if fits(c, {**named_args, **kwargs}, shared, registers, rows)]
+        # The smallest configuration always runs, possibly spilling, rather than none.
+        return kept or [min(configs, key=lambda c: (c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_N")), c.num_stages))]
+
+    return prune
 
 
 def _configs(name: str) -> list[triton.Config]:
@@ -374,26 +384,29 @@ def _configs(name: str) -> list[triton.Config]:
             for ns in (1, 2, 3)]
 
 
-def _tuned(kernel, name: str):
+def _tuned(kernel, name: str, rows: float):
     """``(kernel, fixed launch arguments)``: autotuned on a GPU over ``name`` (the
-    feature tile), warps and stages; one small configuration under the interpreter."""
+    feature tile), warps and stages, pruned by :func:`fits` with the kernel's ``rows``
+    of live whole-row state; one small configuration under the interpreter."""
     if triton_interpreted():
         return kernel, {name: 64}
-    tuned = triton.autotune(_configs(name), key=["C", "CH", "DTYPE"], prune_configs_by={"early_config_prune": _prune})
+    tuned = triton.autotune(_configs(name), key=["C", "CH", "DTYPE"],
+                            prune_configs_by={"early_config_prune": _pruner(rows)})
     return tuned(kernel), {}
 
 
-_INPUT, _INPUT_ARGS = _tuned(_input_kernel, "BLOCK_H")
-_OUTPUT, _OUTPUT_ARGS = _tuned(_output_kernel, "BLOCK_N")
-_OUTPUT_BWD, _OUTPUT_BWD_ARGS = _tuned(_output_bwd_kernel, "BLOCK_N")
-_INPUT_BWD, _INPUT_BWD_ARGS = _tuned(_input_bwd_kernel, "BLOCK_H")
+# Live whole-row state (fp32 units): zn (half); zn, xn (halves); zn, xn, x̂, dxn; zn, ẑ, dzn.
+_INPUT, _INPUT_ARGS = _tuned(_input_kernel, "BLOCK_H", 0.5)
+_OUTPUT, _OUTPUT_ARGS = _tuned(_output_kernel, "BLOCK_N", 1.0)
+_OUTPUT_BWD, _OUTPUT_BWD_ARGS = _tuned(_output_bwd_kernel, "BLOCK_N", 3.0)
+_INPUT_BWD, _INPUT_BWD_ARGS = _tuned(_input_bwd_kernel, "BLOCK_H", 2.5)
 
 
 # ------------------------------------------------------------ launchers
 
 
-def _tiles(rows: int) -> int:
-    return triton.cdiv(rows, BLOCK_M)
+def _tiles(rows: int, block: int = BLOCK_M) -> int:
+    return triton.cdiv(rows, block)
 
 
 def _launch_input(ab, moments, z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, eps):
@@ -479,7 +492,7 @@ def backward(dout, z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po
     ch = x.shape[1]
     r = b * n * n
     cd, dev = z.dtype, z.device
-    tiles = _tiles(r)
+    tiles = _tiles(r, BWD_BLOCK_M)
 
     # 1. Output side: dx (channel-first), dy, the gate logits' gradient, LN_out(x).
     dx = _empty(x.shape, dtype=cd, device=dev)
@@ -488,7 +501,7 @@ def backward(dout, z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po
     xn = _empty((r, ch), dtype=cd, device=dev)
     part1 = _empty((tiles, 2 * ch + 1 + 2 * c), dtype=torch.float32, device=dev)
     _OUTPUT_BWD[(tiles,)](dx, dy, dgl, xn, part1, dout, x, z, ln_w, ln_b, lo_w, lo_b, po_w, po_b, go_w, go_b,
-                          r, n * n, c, ch, eps, part1.shape[1], DTYPE=_DTYPES[cd], BLOCK_M=BLOCK_M,
+                          r, n * n, c, ch, eps, part1.shape[1], DTYPE=_DTYPES[cd], BLOCK_M=BWD_BLOCK_M,
                           BLOCK_C=_block(c), BLOCK_CH=_block(ch), **_OUTPUT_BWD_ARGS)
     d_po_w = _outer(dy, xn, cd)
     del dy, xn
@@ -522,7 +535,7 @@ def backward(dout, z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po
     part3 = _empty((tiles, 2 * c + 4 * ch), dtype=torch.float32, device=dev)
     _INPUT_BWD[(tiles,)](dz, zn, dproj, dsig, part3, dab, dgl, z, mask, ln_w, ln_b, p_w, p_b, g_w, g_b, go_w, norm,
                          r, n * n, c, ch, eps, part3.shape[1], HAS_MASK=mask is not None, NORMALISED=normalised,
-                         DTYPE=_DTYPES[cd], BLOCK_M=BLOCK_M, BLOCK_C=_block(c), **_INPUT_BWD_ARGS)
+                         DTYPE=_DTYPES[cd], BLOCK_M=BWD_BLOCK_M, BLOCK_C=_block(c), **_INPUT_BWD_ARGS)
     del dab
     p3 = part3.sum(0)
     d_ln_w, d_ln_b = p3[:c], p3[c:2 * c]
