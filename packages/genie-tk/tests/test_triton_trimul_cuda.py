@@ -220,7 +220,8 @@ def test_pruning_keeps_configs_this_gpu_holds():
     from genie_tk.triton import triangle_multiplication as tm
 
     configs = tm._configs("BLOCK_H")
-    kept = tm._prune(configs, {}, BLOCK_C=128, DTYPE=tl.bfloat16)
+    args = {"BLOCK_C": 128, "DTYPE": tl.bfloat16, "BLOCK_M": tm.GPU_BLOCK_M}
+    kept = tm._pruner(0.5)(configs, {}, **args)
     shared, registers = tm._device_limits()
     print(f"{len(kept)} of {len(configs)} configs kept; shared memory {shared} B")
-    assert kept and all(tm.fits(c, {"BLOCK_C": 128, "DTYPE": tl.bfloat16}, shared, registers) for c in kept)
+    assert kept and all(tm.fits(c, args, shared, registers, 0.5) for c in kept)
