@@ -1,0 +1,282 @@
+"""The triton backend of triangle attention under Triton's interpreter (CPU tensors).
+
+The root conftest sets ``TRITON_INTERPRET=1`` when no GPU is present, so the same
+kernel code that runs on a GPU runs here, program by program, in NumPy. Covered:
+
+* the core op (``backend="triton"``) and both modules (``module.backend = "triton"``)
+  against a float64 oracle, outputs and every gradient, with padded (fully masked)
+  rows and columns and random holes: the kernel's error must be at most twice that of
+  the torch backend in the same precision (float32, bfloat16);
+* ``GENIE_TK_BACKEND=triton``; eligibility reasons; registration (unverified);
+* opcheck of both custom ops, torch.compile(fullgraph=True) of a module;
+* every output element written (allocations poisoned with NaN), and a kernel that
+  writes nothing failing the comparison;
+* the autotuner's pruning of configurations a GPU cannot hold.
+
+The interpreter's cost is per program and operation, so the shapes are small and
+chosen to cover, between them, N in {1, 5, 17, 33, 65} (one partial key block; two at
+65), heads 1-4, head dims 16/32/64, batch 1 and 3. The float64 oracle uses a mask bias
+of 1e30: in float64, -1e9 does not swamp the triangle bias, so a fully masked row would
+follow softmax(bias), whereas in float32 and below it is uniform (see
+test_tk_attention_cuda.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import genie_tk
+from genie_tk import _backend
+from genie_tk.testing import TRI_ATT, build, forward_backward, pair_mask, rel
+
+ta = pytest.importorskip("genie_tk.triton.triangle_attention")
+
+pytestmark = pytest.mark.skipif(not _backend.triton_interpreted(),
+                                reason="CPU tests of the triton kernels need TRITON_INTERPRET=1 (set by conftest without a GPU)")
+
+ORACLE_INF = 1e30
+# Absolute slack for errors that are zero or at rounding level in both backends.
+FLOOR = {torch.float32: 1e-8, torch.bfloat16: 1e-5}
+NAMES = ("o", "dq", "dk", "dv", "dbias")
+
+
+def _inputs(b, n, h, d, dtype, seed, n_pad=None, drop=0.15):
+    """q, k, v, bias, dout in ``dtype`` and a 0/1 float mask with the last ``n_pad``
+    rows and columns padded (fully masked rows) and random holes."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(b, n, h, n, d, generator=g).to(dtype) for _ in range(4))
+    bias = torch.randn(b, h, n, n, generator=g).to(dtype)
+    n_pad = max(1, n // 8) if n_pad is None else n_pad
+    mask = pair_mask(b, n, n_pad if n > 1 else 0, drop if n > 1 else 0.0, seed, dtype=torch.float32)
+    return q, k, v, bias, mask, dout
+
+
+def _attention(backend, q, k, v, bias, mask, dout, inf=1e9):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+    out = genie_tk.triangle_attention(*leaves, mask, inf=inf, backend=backend)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
+
+
+def _oracle(q, k, v, bias, mask, dout):
+    return _attention("reference", *(t.double() for t in (q, k, v, bias)), mask, dout.double(), inf=ORACLE_INF)
+
+
+def _compare(got, pytorch, want, label, dtype, names=NAMES):
+    for name, g, p, w in zip(names, got, pytorch, want, strict=True):
+        e_tr, e_pt = rel(g, w), rel(p, w)
+        err = (g.double() - w.double()).abs()
+        print(f"{label} {name}: triton rel {e_tr:.3e} (max abs {err.max().item():.2e}, mean {err.mean().item():.2e})"
+              f"  torch rel {e_pt:.3e}  ratio {e_tr / max(e_pt, 1e-30):.2f}")
+        assert torch.isfinite(g).all(), f"{label} {name} has non-finite values"
+        assert e_tr <= 2 * e_pt + FLOOR[dtype], f"{label} {name}: triton error {e_tr:.3e} > 2 x torch error {e_pt:.3e}"
+
+
+# (batch, N, heads, head dim, dtype): together N 1/5/17/33/65, H 1-4, D 16/32/64, B 1 and 3.
+CASES = [
+    (1, 1, 1, 16, torch.float32),
+    (3, 5, 1, 32, torch.float32),
+    (1, 5, 4, 16, torch.bfloat16),
+    (1, 17, 2, 64, torch.bfloat16),
+    (1, 33, 1, 32, torch.float32),
+    (1, 65, 1, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-H{c[2]}-D{c[3]}-{str(c[4])[6:]}")
+def test_core_matches_float64_within_twice_pytorch_error(case):
+    b, n, h, d, dtype = case
+    q, k, v, bias, mask, dout = _inputs(b, n, h, d, dtype, seed=n * 31 + h * 7 + d)
+    want = _oracle(q, k, v, bias, mask, dout)
+    pytorch = _attention("torch", q, k, v, bias, mask, dout)
+    got = _attention("triton", q, k, v, bias, mask, dout)
+    assert genie_tk.last_backend("triangle_attention") == "triton"
+    _compare(got, pytorch, want, f"B{b} N{n} H{h} D{d} {dtype}", dtype)
+
+
+def test_bool_mask_no_mask_and_env_var(monkeypatch):
+    """A bool mask and ``mask=None`` take their own paths; GENIE_TK_BACKEND=triton picks the kernels."""
+    q, k, v, bias, mask, dout = _inputs(1, 6, 1, 16, torch.float32, seed=3)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    for m in (mask.bool(), None):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = genie_tk.triangle_attention(*leaves, m)
+        assert genie_tk.last_backend("triangle_attention") == "triton"
+        got = [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+        want = _oracle(q, k, v, bias, m, dout)
+        _compare(got, _attention("torch", q, k, v, bias, m, dout), want, f"mask {m is not None}", torch.float32)
+
+
+def test_fully_masked_rows_are_uniform_and_stats_keep_max_and_sum_apart():
+    n = 9
+    q, k, v, bias, _, _ = _inputs(1, n, 2, 16, torch.float32, seed=4)
+    mask = torch.ones(1, n, n)
+    mask[:, 3] = 0  # row i = 3 masks every key
+    o, stats = ta.attention_fwd(q, k, v, bias, mask, 0.25, 1e9)
+    assert stats.shape == (1, n, 2, n, 2) and stats.dtype == torch.float32
+    assert torch.equal(stats[0, 3, :, :, 1], torch.full((2, n), math.log2(n)))
+    assert (stats[0, 3, :, :, 0] < -1e9).all()
+    torch.testing.assert_close(o[0, 3], v[0, 3].mean(-2, keepdim=True).expand(2, n, 16))
+
+
+@pytest.mark.parametrize(("cls", "dtype"), [(TRI_ATT[0], torch.float32), (TRI_ATT[1], torch.bfloat16)],
+                         ids=["starting-float32", "ending-bfloat16"])
+def test_module_matches_float64_within_twice_pytorch_error(cls, dtype):
+    """TriangleAttention on ``module.backend = "triton"``: output, input gradient and
+    every parameter gradient (gate and output layers perturbed away from zero init)."""
+    c, hidden, heads, n = 8, 16, 2, 7
+    oracle = build(cls, c, hidden, heads, seed=n, dtype=torch.float64, backend="reference")
+    oracle.inf = ORACLE_INF
+    z = torch.randn(1, n, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    mask = pair_mask(1, n, 1, 0.15, n)
+    cotangent = torch.randn_like(z)
+    want = forward_backward(oracle, z, mask, cotangent)
+    results = {}
+    for backend in ("torch", "triton"):
+        m = copy.deepcopy(oracle).to(dtype)  # the same rounded weights for both
+        m.inf, m.backend = 1e9, backend
+        results[backend] = forward_backward(m, z.to(dtype), mask, cotangent.to(dtype))
+        assert genie_tk.last_backend("triangle_attention_layer") == backend
+
+    def flat(result):
+        return [result[0], result[1], *(result[2][name] for name in want[2])]
+
+    assert len(want[2]) == 10  # layer norm (2), bias projection, q, k, v, gate (2), output (2)
+    _compare(flat(results["triton"]), flat(results["torch"]), flat(want), cls.__name__, dtype,
+             names=["out", "dz", *want[2]])
+
+
+# ------------------------------------------------------------ writes and seams
+
+
+def _poisoned(monkeypatch):
+    monkeypatch.setattr(ta, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs, statistics and gradients allocated full of NaN come back finite and right."""
+    _poisoned(monkeypatch)
+    q, k, v, bias, mask, dout = _inputs(1, 33, 1, 16, torch.float32, seed=5)
+    o, stats = ta.attention_fwd(q, k, v, bias, mask, 0.25, 1e9)
+    grads = ta.attention_bwd(dout, q, k, v, bias, mask, o, stats, 0.25, 1e9)
+    for name, t in zip(("o", "stats", *NAMES[1:]), (o, stats, *grads)):
+        assert torch.isfinite(t).all(), name
+    _compare(_attention("triton", q, k, v, bias, mask, dout), _attention("torch", q, k, v, bias, mask, dout),
+             _oracle(q, k, v, bias, mask, dout), "poisoned", torch.float32)
+
+
+def test_a_kernel_that_writes_nothing_fails_the_comparison(monkeypatch):
+    _poisoned(monkeypatch)
+    monkeypatch.setattr(ta, "_launch", lambda kernel, grid, *args, **meta: None)
+    q, k, v, bias, mask, dout = _inputs(1, 5, 1, 16, torch.float32, seed=6)
+    with pytest.raises(AssertionError, match="non-finite"):
+        _compare(_attention("triton", q, k, v, bias, mask, dout), _attention("torch", q, k, v, bias, mask, dout),
+                 _oracle(q, k, v, bias, mask, dout), "unlaunched", torch.float32)
+
+
+# ------------------------------------------------------------ custom ops
+
+
+def _op_args(n=4, seed=7):
+    q, k, v, bias, mask, _ = _inputs(1, n, 1, 16, torch.float32, seed=seed, n_pad=0)
+    return [t.requires_grad_(True) for t in (q, k, v, bias)], mask.bool()
+
+
+def test_forward_op_passes_opcheck():
+    leaves, mask = _op_args()
+    torch.library.opcheck(torch.ops.genie_tk.triton_attention_fwd.default, (*leaves, mask, 0.25, 1e9))
+    torch.library.opcheck(torch.ops.genie_tk.triton_attention_fwd.default, (*leaves, None, 0.25, 1e9))
+
+
+def test_backward_op_passes_opcheck():
+    leaves, mask = _op_args()
+    q, k, v, bias = (t.detach() for t in leaves)
+    o, stats = ta.attention_fwd(q, k, v, bias, mask, 0.25, 1e9)
+    torch.library.opcheck(torch.ops.genie_tk.triton_attention_bwd.default,
+                          (torch.randn_like(o), q, k, v, bias, mask, o, stats, 0.25, 1e9))
+
+
+def test_fake_ops_give_shapes_on_meta():
+    q = torch.empty(2, 3, 4, 5, 16, device="meta", dtype=torch.bfloat16)
+    bias = torch.empty(2, 4, 5, 5, device="meta", dtype=torch.bfloat16)
+    o, stats = torch.ops.genie_tk.triton_attention_fwd(q, q, q, bias, None, 0.25, 1e9)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert stats.shape == (2, 3, 4, 5, 2) and stats.dtype == torch.float32
+    grads = torch.ops.genie_tk.triton_attention_bwd(q, q, q, q, bias, None, o, stats, 0.25, 1e9)
+    assert [g.shape for g in grads] == [q.shape, q.shape, q.shape, bias.shape]
+
+
+def test_compiled_module_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces the custom ops (aot_eager: the CPU here has
+    no C++ toolchain for inductor to rely on; the GPU test compiles with inductor)."""
+    module = build(TRI_ATT[1], 8, 16, 1, seed=8, dtype=torch.float32, backend="triton")
+    z = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(8))
+    mask = pair_mask(1, 4, 1, 0.0, 8, dtype=torch.float32)
+    cotangent = torch.randn_like(z)
+    eager = forward_backward(module, z, mask, cotangent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo's own
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        got = forward_backward(compiled, z, mask, cotangent)
+    torch.testing.assert_close(got[0], eager[0])
+    torch.testing.assert_close(got[1], eager[1])
+    compiled_grads = {name.removeprefix("_orig_mod."): g for name, g in got[2].items()}
+    assert compiled_grads.keys() == eager[2].keys()
+    for name, g in eager[2].items():
+        torch.testing.assert_close(compiled_grads[name], g, msg=name)
+
+
+# ------------------------------------------------------------ eligibility and registration
+
+
+def test_registered_unverified_and_reported():
+    for op, check in (("triangle_attention", ta.check), ("triangle_attention_layer", ta.check_layer)):
+        kernel = _backend.TRITON_KERNELS[op]
+        assert kernel.check is check and kernel.verified is False
+    info = genie_tk.backends()["triton"]
+    assert info["available"] and info["interpreter"]
+    assert info["ops"]["triangle_attention"] == {"verified": False}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+def test_check_accepts_kernel_dtypes_and_head_dims(dtype, head_dim):
+    q = torch.empty(1, 2, 1, 2, head_dim, dtype=dtype)
+    assert ta.check(q, q, q, None, None, head_dim=head_dim) == ""
+    assert ta.check_layer(torch.empty(1, 2, 2, 4, dtype=dtype), None, head_dim=head_dim) == ""
+
+
+@pytest.mark.parametrize(("dtype", "d", "reason"), [(torch.float64, 16, "float16, bfloat16 or float32"),
+                                                    (torch.float32, 8, "head dims"),
+                                                    (torch.float32, 128, "head dims")])
+def test_inputs_the_kernels_do_not_take(dtype, d, reason):
+    q, k, v, bias, mask, _ = _inputs(1, 3, 1, d, dtype, seed=9)
+    with pytest.raises(RuntimeError, match=f"backend='triton' cannot run triangle_attention: .*{reason}"):
+        genie_tk.triangle_attention(q, k, v, bias, mask, backend="triton")
+    # auto never picks an unverified kernel: torch runs it.
+    genie_tk.triangle_attention(q, k, v, bias, mask)
+    assert genie_tk.last_backend("triangle_attention") == "torch"
+
+
+class _Config:
+    def __init__(self, bj, bk, warps, stages):
+        self.kwargs = {"BLOCK_J": bj, "BLOCK_K": bk}
+        self.num_warps, self.num_stages = warps, stages
+
+
+@pytest.mark.parametrize(("smem", "kept"), [(232448, [0, 1]), (101376, [0]), (49152, [0])])
+def test_pruning_drops_configs_a_gpu_cannot_hold(monkeypatch, smem, kept):
+    """H100 (227 KiB a block), RTX 4090 (99 KiB) and a 48 KiB part: 128x128 tiles need
+    more than 192 registers a thread anywhere, 3-stage 128x64 more shared memory than an
+    RTX 4090 has, and where nothing fits the smallest config stays."""
+    monkeypatch.setattr(ta, "_device_limits", lambda: (smem, 65536))
+    configs = [_Config(64, 64, 4, 2), _Config(128, 64, 8, 3), _Config(128, 128, 8, 3)]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    pruned = ta._pruner(streamed=2, tiles=4)(configs, {"Q": q}, HEAD_DIM=64)
+    print([(c.kwargs, c.num_stages) for c in pruned])
+    assert pruned == [configs[i] for i in kept]
