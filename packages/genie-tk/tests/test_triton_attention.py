@@ -280,3 +280,39 @@ def test_pruning_drops_configs_a_gpu_cannot_hold(monkeypatch, smem, kept):
     pruned = ta._pruner(streamed=2, tiles=4)(configs, {"Q": q}, HEAD_DIM=64)
     print([(c.kwargs, c.num_stages) for c in pruned])
     assert pruned == [configs[i] for i in kept]
+
+
+# ------------------------------------------------------------ the fused gate of the layer
+
+
+def _gate_inputs(dtype=torch.float32, b=2, n_i=3, h=3, n=5, d=16, seed=10):
+    """Attention output ``[B, I, H, J, D]``, the gate slice of a wider projection (a
+    strided view, as the layer passes it; H·D = 48 leaves a column tail) and its bias."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(b, n_i, h, n, d, generator=g).to(dtype)
+    proj = torch.randn(b, n_i, n, 3 * h * d, generator=g).to(dtype)
+    gate = proj[..., h * d: 2 * h * d]
+    return o, gate, torch.randn(h * d, generator=g).to(dtype)
+
+
+def test_fused_gate_is_the_gated_head_merge_with_its_gradients(monkeypatch):
+    _poisoned(monkeypatch)
+    o, g, b_g = _gate_inputs()
+    leaves = [t.clone().requires_grad_(True) for t in (o, g, b_g)]
+    y = ta.gate_fwd(*leaves)
+    dy = torch.randn_like(y)
+    got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+    wide = [t.double().requires_grad_(True) for t in (o, g, b_g)]
+    y64 = wide[0].transpose(2, 3).flatten(-2) * torch.sigmoid(wide[1] + wide[2])
+    want = [y64.detach(), *torch.autograd.grad(y64, wide, dy.double())]
+    for name, a, w in zip(("y", "do", "dg", "db_g"), got, want):
+        print(f"gate {name}: rel {rel(a, w):.2e}")
+        assert torch.isfinite(a).all() and a.shape == w.shape and rel(a, w) < 1e-6, name
+
+
+def test_fused_gate_ops_pass_opcheck():
+    o, g, b_g = _gate_inputs(n=3, n_i=2, b=1)
+    leaves = [t.clone().requires_grad_(True) for t in (o, g, b_g)]
+    torch.library.opcheck(torch.ops.genie_tk.triton_gate_fwd.default, tuple(leaves))
+    y = ta.gate_fwd(o, g, b_g)
+    torch.library.opcheck(torch.ops.genie_tk.triton_gate_bwd.default, (torch.randn_like(y), o, g, b_g))

@@ -38,7 +38,8 @@ whose shared memory or fp32 accumulators a GPU cannot hold. Under the interprete
 configuration runs, on CPU tensors. Every launch goes on the current stream and nothing
 synchronises.
 
-The layer op (:func:`run_layer`) is documented there.
+The layer op (:func:`run_layer`, with the fused gate op ``genie_tk::triton_gate_fwd`` /
+``_bwd``) is documented there.
 """
 
 from __future__ import annotations
@@ -305,6 +306,45 @@ def _bwd_dbias_kernel(Q, K, V, BIAS, MASK, STATS, DO, DELTA, DBIAS,
     tl.store(DBIAS + out, _rounded(acc, DBIAS.dtype.element_ty, INTERP), mask=j_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _gate_fwd_kernel(ATT, G, BG, Y, R, J, H, sg_r,
+                     HEAD_DIM: tl.constexpr, INTERP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    hd = H * HEAD_DIM
+    ok = (rows < R)[:, None] & (cols < hd)[None, :]
+    bi = rows // J
+    h = cols // HEAD_DIM
+    o_off = (bi * H * J + rows % J) * HEAD_DIM
+    o_off = o_off[:, None] + (h * J * HEAD_DIM + cols % HEAD_DIM)[None, :]
+    o = tl.load(ATT + o_off, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * sg_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    bg = tl.load(BG + cols, mask=cols < hd, other=0.0).to(tl.float32)
+    gate = tl.sigmoid(g + bg[None, :])
+    tl.store(Y + rows[:, None] * hd + cols[None, :], _rounded(o * gate, Y.dtype.element_ty, INTERP), mask=ok)
+
+
+@triton.jit
+def _gate_bwd_kernel(ATT, G, BG, DY, DO, DG, R, J, H, sg_r,
+                     HEAD_DIM: tl.constexpr, INTERP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    hd = H * HEAD_DIM
+    ok = (rows < R)[:, None] & (cols < hd)[None, :]
+    bi = rows // J
+    h = cols // HEAD_DIM
+    o_off = (bi * H * J + rows % J) * HEAD_DIM
+    o_off = o_off[:, None] + (h * J * HEAD_DIM + cols % HEAD_DIM)[None, :]
+    flat = rows[:, None] * hd + cols[None, :]
+    o = tl.load(ATT + o_off, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * sg_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    bg = tl.load(BG + cols, mask=cols < hd, other=0.0).to(tl.float32)
+    dy = tl.load(DY + flat, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.sigmoid(g + bg[None, :])
+    tl.store(DO + o_off, _rounded(dy * gate, DO.dtype.element_ty, INTERP), mask=ok)
+    tl.store(DG + flat, _rounded(dy * o * gate * (1.0 - gate), DG.dtype.element_ty, INTERP), mask=ok)
+
+
 # ---------------------------------------------------------------- autotuning
 
 
@@ -358,6 +398,7 @@ _FWD = _tuned(_fwd_kernel, _FWD_CONFIGS, streamed=2, tiles=3)
 _BWD_DQ = _tuned(_bwd_dq_kernel, _BWD_CONFIGS, streamed=2, tiles=4)
 _BWD_DKDV = _tuned(_bwd_dkdv_kernel, _BWD_CONFIGS, streamed=2, tiles=5)
 _BWD_DBIAS = _tuned(_bwd_dbias_kernel, _BWD_CONFIGS, streamed=4, tiles=4)
+_GATE_FWD, _GATE_BWD = _gate_fwd_kernel, _gate_bwd_kernel  # elementwise: one fixed tile
 
 
 # ---------------------------------------------------------------- launchers
@@ -368,9 +409,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(kernel, grid, *args, **meta) -> None:
+def _launch(kernel, grid, *args, tile: bool = True, **meta) -> None:
     """Launch ``kernel`` on the current stream (a seam for the tests)."""
-    if INTERPRETED:
+    if INTERPRETED and tile:
         meta.update(BLOCK_J=INTERPRETER_BLOCK, BLOCK_K=INTERPRETER_BLOCK)
     kernel[grid](*args, **meta)
 
@@ -450,6 +491,40 @@ def _backward(dout, q, k, v, bias, mask, o, stats, scale, inf):
     return dq, dk, dv, dbias
 
 
+def _gate_launch(kernel, o, g, *args):
+    b, n_i, h, n, d = o.shape
+    rows = b * n_i * n
+    block_c = triton.next_power_of_2(h * d)
+    block_r = max(1, min(64, 4096 // block_c))  # a tile of at most 4096 elements
+    _launch(kernel, (triton.cdiv(rows, block_r),), o, g, *args, rows, n, h, g.stride(-2),
+            HEAD_DIM=d, INTERP=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c, tile=False)
+
+
+def _gate_forward(o, g, b_g):
+    b, n_i, h, n, d = o.shape
+    y = _empty((b, n_i, n, h * d), o.dtype, o.device)
+    if y.numel():
+        _gate_launch(_GATE_FWD, o.detach().contiguous(), _rows(g), b_g.detach().contiguous(), y)
+    return y
+
+
+def _gate_backward(dy, o, g, b_g):
+    do = _empty(o.shape, o.dtype, o.device)
+    dg = _empty(g.shape, g.dtype, g.device)
+    if do.numel():
+        _gate_launch(_GATE_BWD, o.detach().contiguous(), _rows(g), b_g.detach().contiguous(),
+                     dy.detach().contiguous(), do, dg)
+    return do, dg
+
+
+def _rows(g: torch.Tensor) -> torch.Tensor:
+    """``g`` ``[B, I, J, H·D]`` with unit column stride and one row stride over (b, i, j)."""
+    g = _unit_last(g)
+    _, n_i, n, _ = g.shape
+    rs = g.stride(-2)
+    return g if (g.stride(0), g.stride(1)) == (n_i * n * rs, n * rs) else g.contiguous()
+
+
 # ---------------------------------------------------------------- custom ops
 
 
@@ -495,6 +570,46 @@ def _autograd_backward(ctx, dout, _dstats):
 attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("genie_tk::triton_gate_fwd", mutates_args=())
+def gate_fwd(o: torch.Tensor, g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
+    """``o`` ``[B, I, H, J, D]`` (head-major, as the attention returns it) gated by
+    ``σ(g + b_g)``, ``g`` ``[B, I, J, H·D]``: ``[B, I, J, H·D]``, ready for the output
+    GEMM. One pass: the head transpose, the bias, the sigmoid and the product."""
+    return _gate_forward(o, g, b_g)
+
+
+@torch.library.custom_op("genie_tk::triton_gate_bwd", mutates_args=())
+def gate_bwd(dy: torch.Tensor, o: torch.Tensor, g: torch.Tensor,
+             b_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(do, dg)`` of :func:`gate_fwd` (``db_g`` is ``dg`` summed over rows)."""
+    return _gate_backward(dy, o, g, b_g)
+
+
+@gate_fwd.register_fake
+def _gate_forward_fake(o, g, b_g):
+    b, n_i, h, n, d = o.shape
+    return o.new_empty((b, n_i, n, h * d))
+
+
+@gate_bwd.register_fake
+def _gate_backward_fake(dy, o, g, b_g):
+    return o.new_empty(o.shape), g.new_empty(g.shape)
+
+
+def _gate_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_autograd_backward(ctx, dy):
+    o, g, b_g = ctx.saved_tensors
+    do, dg = gate_bwd(dy, o, g, b_g)
+    db_g = dg.sum(dim=(0, 1, 2), dtype=torch.promote_types(dg.dtype, torch.float32)).to(b_g.dtype)
+    return do, dg, db_g
+
+
+gate_fwd.register_autograd(_gate_autograd_backward, setup_context=_gate_setup_context)
+
+
 # ---------------------------------------------------------------- backend
 
 
@@ -517,14 +632,19 @@ def run_layer(z, mask, weights, starting, inf, eps):
     3. the attention kernel reads ``q``, ``k``, ``v`` as strided views of that
        projection (no head-major copies); only the ``[B, H, N, N]`` bias slice is
        made contiguous (``N²H``, small beside ``N²C``);
-    4. the gate ``σ(g + b_g)`` times the attention output, then the output GEMM.
+    4. one gate kernel (``genie_tk::triton_gate_fwd``) reads the head-major attention
+       output and the gate slice of the projection and writes ``o·σ(g + b_g)`` in the
+       ``[B, I, J, H·D]`` layout of the output GEMM: the head transpose, bias, sigmoid
+       and product in one pass (PyTorch takes four, and autograd keeps their
+       intermediates); its backward is one pass too (``do``, ``dg``; ``db_g`` a sum);
+    5. the output GEMM (cuBLAS).
 
     Autograd runs the reverse. Not fused, and why: LayerNorm into the projection GEMM
     (a Triton LN-prologue GEMM would save one write and read of ``x``, ``N²C``, but C
     is 128 in AF2 layers, too short a reduction for a Triton GEMM to beat cuBLAS by
     that margin, and its backward needs ``x`` again); the gate into the attention
-    epilogue (it would save one ``N²·H·D`` pass, but the backward then needs the
-    ungated output for ``delta`` and the gate gradient, i.e. a second output).
+    epilogue (it would save the gate kernel's pass, but the backward needs the ungated
+    output for ``delta`` and the gate gradient, i.e. a second output of the same size).
     Whether either pays is to be measured on a GPU (``nox -s bench``).
     """
     ln_w, ln_b, w_bias, w_q, w_k, w_v, w_g, b_g, w_o, b_o = weights
@@ -541,8 +661,9 @@ def run_layer(z, mask, weights, starting, inf, eps):
     x = F.layer_norm(z.to(acc), (c,), ln_w.to(acc), ln_b.to(acc), eps).to(z.dtype)
     proj = F.linear(x, torch.cat([w_q, w_k, w_v, w_g, w_bias]))
     bias = proj[..., 4 * hd:].permute(0, 3, 1, 2).contiguous()  # [B, H, J, K]
-    q, k, v, g = (t.unflatten(-1, (n_h, -1)).transpose(2, 3) for t in proj[..., : 4 * hd].split(hd, -1))
-    o = run(q, k, v, bias, mask, None, inf).transpose(2, 3).flatten(-2)  # [B, I, J, H·D]
-    out = F.linear(o * torch.sigmoid(g.transpose(2, 3).flatten(-2) + b_g), w_o, b_o)
+    q, k, v, g = proj[..., : 4 * hd].split(hd, -1)
+    q, k, v = (t.unflatten(-1, (n_h, -1)).transpose(2, 3) for t in (q, k, v))
+    o = run(q, k, v, bias, mask, None, inf)  # [B, I, H, J, D]
+    out = F.linear(gate_fwd(o, g, b_g), w_o, b_o)
     out = out.reshape(*lead, n, n, -1)
     return out if starting else out.transpose(-2, -3)
