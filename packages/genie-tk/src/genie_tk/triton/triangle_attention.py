@@ -104,7 +104,7 @@ def _logits(q, kt, bias_ptrs, mask_ptrs, j_ok, k_ok, scale, inf,
 
 
 @triton.jit
-def _rounded(x, dtype, INTERP: tl.constexpr):
+def _rounded(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in ``dtype``."""
     if INTERP:
         if dtype == tl.bfloat16:
@@ -115,7 +115,7 @@ def _rounded(x, dtype, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _operand(x, dtype, INTERP: tl.constexpr):
+def _operand(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     """``x`` rounded to the operand ``dtype`` of the next tile product."""
     x = _rounded(x, dtype, INTERP)
     if INTERP:
