@@ -1,6 +1,6 @@
 """The methods under test, discovered from what imports here.
 
-* genie-tk's backends (``tk``, ``torch``, ``reference``), as ``genie_tk.backends()``
+* genie-tk's backends (``tk``, ``triton``, ``torch``, ``reference``), as ``genie_tk.backends()``
   reports them: an unavailable one is recorded with its reason;
 * the peers: cuEquivariance (``cuequivariance_torch.triangle_attention`` and
   ``triangle_multiplicative_update``) and trifast (``trifast.triangle_attention``).
@@ -85,12 +85,18 @@ def _genie(fn, *args, **kwargs) -> torch.Tensor:
 
 
 def genie_methods() -> list[Method]:
-    """genie-tk's backends; ``tk`` lists the op families its build has kernels for."""
+    """genie-tk's backends; the kernel backends (``tk``, ``triton``) list the op families
+    they have kernels for. Under Triton's interpreter ``triton`` is recorded as
+    unavailable: the interpreter proves the kernels correct, its timings mean nothing."""
     version = getattr(genie_tk, "__version__", None)
     methods = []
     for name, info in genie_tk.backends().items():
-        m = Method(name, "genie-tk", version, str(info.get("reason", "")), naive=name == "reference")
-        families = (ATTENTION, TRI_MUL) if name != "tk" else tuple(info.get("ops", ()))
+        reason = str(info.get("reason", ""))
+        if name == "triton" and not reason and info.get("interpreter"):
+            reason = "TRITON_INTERPRET=1: the interpreter runs the kernels on the CPU, far too slowly to time"
+        m = Method(name, "genie-tk", version, reason, naive=name == "reference")
+        kernel = name in ("tk", "triton")
+        families = tuple(info.get("ops", ())) if kernel else (ATTENTION, TRI_MUL)
         if ATTENTION in families:
             m.calls[ATTENTION] = _genie_attention(name)
         if TRI_MUL in families:

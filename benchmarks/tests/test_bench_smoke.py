@@ -68,7 +68,7 @@ def test_every_case_ran_and_matches_the_reference(run):
 
 def test_missing_methods_are_recorded_with_a_reason(run):
     methods = run[1]["methods"]
-    for name in ("tk", "cuequivariance", "trifast"):  # no GPU here, so none of them can run
+    for name in ("tk", "triton", "cuequivariance", "trifast"):  # no GPU here, so none of them can run
         assert methods[name]["status"] == "unavailable" and methods[name]["reason"], methods[name]
     assert not any(r["method"] in ("cuequivariance", "trifast") for r in run[1]["results"])
 

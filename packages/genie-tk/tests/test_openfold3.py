@@ -151,6 +151,24 @@ def test_tk_layer_glue_transposes_the_bias(monkeypatch):
         assert rel(got, m(z, mask, transpose_bias=transpose_bias)) < 1e-12
 
 
+
+@pytest.mark.skipif(not genie_tk.backends()["triton"]["available"], reason="triton backend not available here")
+@pytest.mark.parametrize("starting", [True, False])
+def test_triton_layer_honours_transpose_bias(starting):
+    """OpenFold3's layer on the triton backend (float32, head dim 16) against the reference,
+    with and without transpose_bias."""
+    seed_all(12)
+    m = perturbed(g3.TriangleAttention(C, 16, 2, starting=starting), 13)
+    z, mask = inputs(n=7, seed=14)
+    z = z.float()
+    for transpose_bias in (False, True):
+        m.backend = "reference"
+        want = m(z, mask, transpose_bias=transpose_bias)
+        m.backend = "triton"
+        got = m(z, mask, transpose_bias=transpose_bias)
+        assert genie_tk.last_backend("triangle_attention_layer") == "triton"
+        assert rel(got, want) < 1e-5, (transpose_bias, rel(got, want))
+
 # --- against OpenFold3 -----------------------------------------------------------------------
 
 @pytest.mark.crosstest
