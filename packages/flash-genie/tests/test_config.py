@@ -57,6 +57,20 @@ def test_from_file_and_coerce(tmp_path):
         Config.coerce(3)
 
 
+def test_coerce_reads_a_mistyped_path_as_a_missing_file(tmp_path):
+    """One line that is not 'key value' text with a known key is a path, never config text."""
+    for path in ("weights/scope_l_128/configuration", str(tmp_path / "configuraton"), "my runs/genie config"):
+        with pytest.raises(FileNotFoundError, match=f"config file '{path}' does not exist"):
+            Config.coerce(path)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a configuration file"):
+        Config.coerce(str(tmp_path))
+    # A single line of real config text is still text, and its errors stay config errors.
+    assert Config.coerce("pairFeatureDimension 32").model["c_p"] == 32
+    assert Config.coerce("") == Config()
+    with pytest.raises(ConfigError, match="pairFeatureDimension"):
+        Config.coerce("pairFeatureDimension many")
+
+
 def test_round_trip_and_replace():
     config = Config.from_text("datasetNames a,b\nlearningRate 3e-4\nseed 7\n")
     assert config.io["dataset_names"] == ["a", "b"]
