@@ -125,3 +125,15 @@ def test_dict_values_are_checked():
         Config({"includeTriangularAttention": 1})
     with pytest.raises(KeyError, match="did you mean 'seed'"):
         Config()["sed"]
+
+
+def test_length_keys_must_agree():
+    """Lengths that no chain could satisfy are rejected when the config is read, naming both keys."""
+    with pytest.raises(ConfigError, match=r"'maximumNumResidues' \(40\) must be at least 'minimumNumResidues' \(50\)"):
+        Config.from_text("maximumNumResidues 40\nminimumNumResidues 50")
+    with pytest.raises(ConfigError, match=r"'lengthCurriculum' length 128 exceeds 'maximumNumResidues' \(64\)"):
+        Config.from_text("maximumNumResidues 64\nlengthCurriculum 32:10,128:20")
+    with pytest.raises(ConfigError, match="'minimumNumResidues'"):  # replace() checks the merged keys
+        Config.from_text("maximumNumResidues 64\nminimumNumResidues 50").replace(maximumNumResidues=32)
+    ok = Config.from_text("maximumNumResidues 64\nminimumNumResidues 64\nlengthCurriculum 32:10,64:20")
+    assert ok["lengthCurriculum"] == [(32, 10), (64, 20)]

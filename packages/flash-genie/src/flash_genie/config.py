@@ -315,6 +315,14 @@ class Config:
                 "progressiveStartLength" in self.explicit or "progressiveStageSteps" in self.explicit):
             raise ConfigError(f"{where}: give either 'lengthCurriculum' or 'progressiveStartLength' / "
                               "'progressiveStageSteps', not both")
+        longest, shortest = v["maximumNumResidues"], v["minimumNumResidues"]
+        if longest is not None and shortest is not None and longest < shortest:
+            raise ConfigError(f"{where}: 'maximumNumResidues' ({longest}) must be at least "
+                              f"'minimumNumResidues' ({shortest})")
+        too_long = [length for length, _ in v["lengthCurriculum"] if longest is not None and length > longest]
+        if too_long:
+            raise ConfigError(f"{where}: 'lengthCurriculum' length {too_long[0]} exceeds 'maximumNumResidues' "
+                              f"({longest}); every stage must be at most that long")
         if v["useChunkedLoss"] and not v["auxDistanceLossWeight"]:
             raise ConfigError(f"{where}: 'useChunkedLoss True' chunks the auxiliary pairwise distance loss, which "
                               "'auxDistanceLossWeight 0' turns off")
