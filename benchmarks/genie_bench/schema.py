@@ -3,7 +3,7 @@
 The checker covers the keywords that file uses (``type``, ``const``, ``enum``,
 ``required``, ``properties``, ``additionalProperties``, ``items``, ``minimum``,
 local ``$ref``), so CI validates result files without extra packages; where
-``jsonschema`` is installed the tests validate with it too.
+``jsonschema`` is installed (a test dependency, see noxfile.py) the tests validate with it too.
 
     python -m genie_bench.schema benchmarks/results/*.json
 """

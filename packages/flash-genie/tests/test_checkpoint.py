@@ -71,6 +71,8 @@ def test_mismatched_or_missing_inputs(tiny_config, helpers, tmp_path):
         load_genie(tiny_config.replace(pairFeatureDimension=8), weights)
     with pytest.raises(ValueError, match="carry no configuration"):
         load_genie(None, weights)
+    with pytest.raises(FileNotFoundError, match="config file 'weights/scope_l_128/configuration' does not exist"):
+        load_genie("weights/scope_l_128/configuration", weights)
     bad = tmp_path / "bad.pt"
     torch.save([1, 2], bad)
     with pytest.raises(ValueError, match="not a checkpoint or state_dict"):

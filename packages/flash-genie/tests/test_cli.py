@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_genie import Config
+from flash_genie import Config, Denoiser, save_checkpoint
 from flash_genie.cli import QUICKSTART, main
 from flash_genie.data import Dataset, builtin_dataset, write_ca_pdb
 
@@ -59,7 +59,7 @@ def test_sample_rejects_lengths_beyond_the_model(tmp_path, config_file, capsys):
     assert "length 25 is outside" in capsys.readouterr().err
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_config, capsys):
     bad = tmp_path / "bad.config"
     bad.write_text("maximumNumResidues 64\npairFeatureDimenson 32\n")
     assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
@@ -67,6 +67,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "pairFeatureDimenson" in err and "pairFeatureDimension" in err
     assert main(["sample", str(tmp_path / "missing.pt"), "--lengths", "10", "--out", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, Denoiser.from_config(tiny_config), tiny_config)
+    assert main(["sample", str(checkpoint), "--config", "missing", "--lengths", "10", "--out",
+                 str(tmp_path / "s1")]) == 2
+    assert capsys.readouterr().err == "flash-genie sample: error: config file 'missing' does not exist " \
+        "(and it is not 'key value' configuration text)\n"
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     assert main(["sample", str(corrupt), "--lengths", "10", "--out", str(tmp_path / "s2")]) == 2

@@ -57,6 +57,20 @@ def test_from_file_and_coerce(tmp_path):
         Config.coerce(3)
 
 
+def test_coerce_reads_a_mistyped_path_as_a_missing_file(tmp_path):
+    """One line that is not 'key value' text with a known key is a path, never config text."""
+    for path in ("weights/scope_l_128/configuration", str(tmp_path / "configuraton"), "my runs/genie config"):
+        with pytest.raises(FileNotFoundError, match=f"config file '{path}' does not exist"):
+            Config.coerce(path)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a configuration file"):
+        Config.coerce(str(tmp_path))
+    # A single line of real config text is still text, and its errors stay config errors.
+    assert Config.coerce("pairFeatureDimension 32").model["c_p"] == 32
+    assert Config.coerce("") == Config()
+    with pytest.raises(ConfigError, match="pairFeatureDimension"):
+        Config.coerce("pairFeatureDimension many")
+
+
 def test_round_trip_and_replace():
     config = Config.from_text("datasetNames a,b\nlearningRate 3e-4\nseed 7\n")
     assert config.io["dataset_names"] == ["a", "b"]
@@ -111,3 +125,15 @@ def test_dict_values_are_checked():
         Config({"includeTriangularAttention": 1})
     with pytest.raises(KeyError, match="did you mean 'seed'"):
         Config()["sed"]
+
+
+def test_length_keys_must_agree():
+    """Lengths that no chain could satisfy are rejected when the config is read, naming both keys."""
+    with pytest.raises(ConfigError, match=r"'maximumNumResidues' \(40\) must be at least 'minimumNumResidues' \(50\)"):
+        Config.from_text("maximumNumResidues 40\nminimumNumResidues 50")
+    with pytest.raises(ConfigError, match=r"'lengthCurriculum' length 128 exceeds 'maximumNumResidues' \(64\)"):
+        Config.from_text("maximumNumResidues 64\nlengthCurriculum 32:10,128:20")
+    with pytest.raises(ConfigError, match="'minimumNumResidues'"):  # replace() checks the merged keys
+        Config.from_text("maximumNumResidues 64\nminimumNumResidues 50").replace(maximumNumResidues=32)
+    ok = Config.from_text("maximumNumResidues 64\nminimumNumResidues 64\nlengthCurriculum 32:10,64:20")
+    assert ok["lengthCurriculum"] == [(32, 10), (64, 20)]

@@ -205,16 +205,18 @@ def test_npz_chains(tmp_path, chains):
 
 
 def write_structure_db(path, chains, *, version=VERSION, cut: int | None = None):
-    """A StructureDB v2 file as documented in flash_genie.data.structure_db (N, CA, C, O in 0.01 Å)."""
+    """A StructureDB v2 file as documented in flash_genie.data.structure_db and ../shared/DATA.md
+    section 2 (N, CA, C, O in 0.01 Å); each entry gets its own first residue number and shift,
+    which the reader must not apply."""
     out = bytearray(struct.pack("<ii", MAGIC, version))
     out += bytes(ENTRIES_OFFSET - len(out))  # the type-size checks, not interpreted by the reader
     out += struct.pack("<Q", len(chains))
     offset = 0
-    for c in chains:
+    for i, c in enumerate(chains):
         pdb_id, chain_id = c.name.split("_")
         for text in (pdb_id, chain_id):
             out += struct.pack("<I", len(text)) + text.encode()
-        out += struct.pack("<IHh3f", offset, len(c), 1, 1.5, -2.5, 3.5)
+        out += struct.pack("<IHh3f", offset, len(c), 1 - 7 * i, 1.5 + i, -2.5, 3.5 * i)
         offset += len(c)
     out += struct.pack("<Q", offset) + "".join(c.sequence for c in chains).encode()
     atoms = np.concatenate([np.stack([c.ca - 1, c.ca, c.ca + 1, c.ca + 2], axis=1) for c in chains])
@@ -241,11 +243,42 @@ def test_structure_db_bad(tmp_path, chains):
             list(read_structure_db(write_structure_db(tmp_path / "cut.dat", chains, cut=cut)))
 
 
-def test_structure_db_real_file(shared_dir, tmp_path):
-    """The real promod3-data file, when someone has extracted it (see DATA.md); else skipped."""
-    path = shared_dir / "data" / "structure_db.dat"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (apt-get download promod3-data=3.2.1+ds-6 to check by hand)")
+def _write_npz_chains(path, chains):
+    """``chains`` in the layout of ``../shared/data/pdb_chains_ca.npz`` (int16 Cα in 0.01 Å)."""
+    lengths = np.array([len(c) for c in chains], dtype=np.int64)
+    np.savez(path, ca_centi_angstrom=np.round(np.concatenate([c.ca for c in chains]) * 100).astype(np.int16),
+             starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths=lengths,
+             names=np.array([c.name for c in chains]), sequences=np.array([c.sequence for c in chains]))
+    return path
+
+
+def test_structure_db_of_real_chains_equals_their_npz(tmp_path):
+    """What the real promod3-data file is checked for (below), on a StructureDB file built here:
+    every chain read from it equals, to the bit, the same chain read from the npz layout.
+    The chains are 60 real PDB chains of the built-in dataset."""
+    ds = builtin_dataset()
+    chains = [ds.chain(i) for i in range(0, len(ds), len(ds) // 60)]
+    from_db = list(read_structure_db(write_structure_db(tmp_path / "structure_db.dat", chains)))
+    from_npz = list(read_npz_chains(_write_npz_chains(tmp_path / "pdb_chains_ca.npz", chains)))
+    assert [c.name for c in from_db] == [c.name for c in from_npz] == [c.name for c in chains]
+    for db, npz, chain in zip(from_db, from_npz, chains):
+        assert db.sequence == npz.sequence == chain.sequence
+        assert db.ca.dtype == np.float32
+        np.testing.assert_array_equal(db.ca, npz.ca)
+        np.testing.assert_array_equal(db.ca, chain.ca)
+
+
+REAL_STRUCTURE_DB = ("data/structure_db.dat", "/usr/share/promod3/loop_data/structure_db.dat")
+
+
+def test_structure_db_real_file(shared_dir):
+    """The real promod3-data file where it is (``../shared/data`` or a promod3-data install; see
+    DATA.md section 2) against ``pdb_chains_ca.npz``, which was made from it."""
+    found = [shared_dir / p for p in REAL_STRUCTURE_DB if (shared_dir / p).is_file()]
+    if not found:
+        pytest.skip(f"no structure_db.dat at {', '.join(str(shared_dir / p) for p in REAL_STRUCTURE_DB)} "
+                    "(apt-get download promod3-data=3.2.1+ds-6); the file built in the test above stands in")
+    path = found[0]
     reference = {c.name: c for c in read_npz_chains(shared_dir / "data" / "pdb_chains_ca.npz")}
     n = 0
     for chain in read_structure_db(path):

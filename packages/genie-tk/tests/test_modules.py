@@ -112,6 +112,52 @@ def test_bad_input_names_the_argument(cls):
         m(z, mask=torch.ones(1, 5, 5, device="meta"))
 
 
+@pytest.mark.parametrize("cls", TRI_MUL + TRI_ATT, ids=lambda c: c.__name__)
+def test_input_dtype_must_match_the_parameters(cls):
+    """A float64 input to a float32 module (and the reverse) names the input and both dtypes."""
+    m = build(cls, 6, 4, 2, seed=5, dtype=torch.float32)
+    z = torch.randn(1, 5, 5, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"z is torch.float64 but the weights \(a module's parameters\) are "
+                                        r"torch.float32: expected z in torch.float32 \(or float16/bfloat16\)"):
+        m(z)
+    with pytest.raises(TypeError, match=r"z is torch.float32 but .* are torch.float64: expected z in torch.float64;"):
+        m.double()(z.float())
+    m.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # half activations over float32 weights still run
+        out = m(z.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3])
+def test_chunk_size_must_be_positive(chunk_size):
+    z = torch.randn(1, 5, 5, 6, dtype=torch.float64)
+    att = build(genie_tk.TriangleAttentionStartingNode, 6, 4, 2, seed=5)
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive int or None, got {chunk_size}"):
+        att(z, chunk_size=chunk_size)
+    q = torch.randn(1, 4, 2, 4, 8)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        genie_tk.triangle_attention(q, q, q, torch.zeros(1, 2, 4, 4), chunk_size=chunk_size)
+    mul = build(genie_tk.TriangleMultiplicationOutgoing, 6, 4, 0, seed=5)
+    with pytest.raises(ValueError, match=f"_inplace_chunk_size must be a positive int or None, got {chunk_size}"):
+        mul(z, inplace_safe=True, _inplace_chunk_size=chunk_size)
+    with pytest.raises(TypeError, match="chunk_size must be a positive int or None, got float"):
+        att(z, chunk_size=2.0)
+    assert rel(att(z, chunk_size=1), att(z)) < 1e-14  # the smallest valid chunk still runs
+
+
+@pytest.mark.parametrize(("make", "pattern"), [
+    (lambda: genie_tk.TriangleAttention(8, 0, 2), "TriangleAttention: c_hidden must be a positive integer, got 0"),
+    (lambda: genie_tk.TriangleAttention(8, 4, 0), "TriangleAttention: no_heads must be"),
+    (lambda: genie_tk.TriangleAttentionEndingNode(-8, 4, 2), "TriangleAttentionEndingNode: c_in must be"),
+    (lambda: genie_tk.TriangleAttention(8, 4.0, 2), r"c_hidden must be a positive integer, got 4\.0"),
+    (lambda: genie_tk.TriangleMultiplicationOutgoing(8, 0), "TriangleMultiplicationOutgoing: c_hidden must be"),
+    (lambda: genie_tk.FusedTriangleMultiplicationIncoming(0, 4), "FusedTriangleMultiplicationIncoming: c_z must be"),
+])
+def test_constructor_sizes_must_be_positive_integers(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
 def test_core_bad_input():
     q = torch.randn(1, 4, 2, 4, 8)
     with pytest.raises(ValueError, match=r"q must have shape \[B, I, H, J, D\]"):

@@ -1,8 +1,9 @@
 """Exactness against real OpenFold outputs (``../shared/fixtures/openfold_reference``).
 
-Every module, forward and every gradient, float64, relative error <= 1e-9 for
-the ``reference`` and ``torch`` backends. Skips when ``../shared`` is absent;
-``test_backends.py`` covers the same properties without it.
+Every module, forward and every gradient, float64, for the ``reference`` and
+``torch`` backends, each tensor held to about 5x the largest relative error
+measured over all fixtures and both backends (see ``TOLERANCE``). Skips when
+``../shared`` is absent; ``test_backends.py`` covers the same properties without it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import torch
 
 import genie_tk
 from genie_tk.testing import rel
+
+# Relative error bounds per tensor, about 5x the largest measured (torch 2.13.0 CPU, fp64, over
+# every fixture and both backends; one thread, two threads lower): output 6.1e-16, grad_z 1.0e-15,
+# parameter gradients 3.7e-15 (a LayerNorm bias), chunked output 4.7e-16.
+TOLERANCE = {"output": 3e-15, "grad_z": 5e-15, "grad_params": 2e-14}
 
 FILES = [
     f"{cls}_{cfg}.pt"
@@ -50,9 +56,9 @@ def test_matches_openfold(fixtures, name, backend):
     for pname, p in module.named_parameters():
         errors[pname] = rel(p.grad, fx["grad_params"][pname])
     assert set(dict(module.named_parameters())) == set(fx["grad_params"])
-    worst = max(errors, key=errors.get)
-    print(f"{name} [{backend}] output {errors['output']:.1e}, worst {worst} {errors[worst]:.1e}")
-    assert errors[worst] <= 1e-9, errors
+    print(f"{name} [{backend}]", " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    over = {k: v for k, v in errors.items() if v > TOLERANCE.get(k, TOLERANCE["grad_params"])}
+    assert not over, f"relative errors above {TOLERANCE}: {over}"
     assert genie_tk.last_backend(
         "triangle_attention_layer" if "Attention" in fx["class"] else "triangle_multiplicative_update"
     ) == backend
@@ -64,7 +70,9 @@ def test_attention_chunking_matches_openfold(fixtures, name):
     module = getattr(genie_tk, fx["class"])(**fx["init_kwargs"]).double()
     module.load_state_dict(fx["state_dict"])
     out = module(fx["inputs"]["z"], mask=fx["inputs"]["mask"], chunk_size=4)
-    assert rel(out, fx["output"]) <= 1e-9
+    err = rel(out, fx["output"])
+    print(f"{name} chunk_size=4: output {err:.1e}")
+    assert err <= TOLERANCE["output"]
 
 
 def test_mask_none_equals_all_ones(fixtures):

@@ -326,6 +326,14 @@ class Config:
                 "progressiveStartLength" in self.explicit or "progressiveStageSteps" in self.explicit):
             raise ConfigError(f"{where}: give either 'lengthCurriculum' or 'progressiveStartLength' / "
                               "'progressiveStageSteps', not both")
+        longest, shortest = v["maximumNumResidues"], v["minimumNumResidues"]
+        if longest is not None and shortest is not None and longest < shortest:
+            raise ConfigError(f"{where}: 'maximumNumResidues' ({longest}) must be at least "
+                              f"'minimumNumResidues' ({shortest})")
+        too_long = [length for length, _ in v["lengthCurriculum"] if longest is not None and length > longest]
+        if too_long:
+            raise ConfigError(f"{where}: 'lengthCurriculum' length {too_long[0]} exceeds 'maximumNumResidues' "
+                              f"({longest}); every stage must be at most that long")
         if v["useChunkedLoss"] and not v["auxDistanceLossWeight"]:
             raise ConfigError(f"{where}: 'useChunkedLoss True' chunks the auxiliary pairwise distance loss, which "
                               "'auxDistanceLossWeight 0' turns off")
@@ -381,15 +389,26 @@ class Config:
 
     @classmethod
     def coerce(cls, config: Config | str | os.PathLike) -> Config:
-        """A :class:`Config`, a path to a configuration file, or configuration text."""
+        """A :class:`Config`, a path to a configuration file, or configuration text.
+
+        A string with a newline is text. One without is a file if there is one; otherwise it
+        is read as text when it has the shape of a ``key value`` line with a known key, and
+        anything else (a mistyped path) raises ``FileNotFoundError`` naming it.
+        """
         if isinstance(config, Config):
             return config
         if isinstance(config, os.PathLike):
             return cls.from_file(config)
         if not isinstance(config, str):
             raise TypeError(f"config must be a Config, a path or config text, got {type(config).__name__}")
-        if "\n" not in config and os.path.isfile(config):
+        if "\n" in config:
+            return cls.from_text(config)
+        if os.path.isfile(config):
             return cls.from_file(config)
+        tokens = config.split("#", 1)[0].split()
+        if tokens and (len(tokens) != 2 or tokens[0] not in _BY_NAME):
+            kind = "is a folder, not a configuration file" if os.path.isdir(config) else "does not exist"
+            raise FileNotFoundError(f"config file {config!r} {kind} (and it is not 'key value' configuration text)")
         return cls.from_text(config)
 
     def replace(self, **values: Any) -> Config:

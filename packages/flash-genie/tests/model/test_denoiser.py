@@ -9,6 +9,9 @@ from flash_genie import Rigid, genie_loss
 from flash_genie.model.rigid import quaternion_to_rotation
 
 NAMES = ["scope_l_128", "tiny", "tiny_triatt"]
+# Absolute float64 bounds, about 5x the largest measured over NAMES (torch 2.13.0 CPU): trans and
+# eps_pred 1.1e-14 (scope_l_128, |trans| up to 51 Å), rots 6.3e-15, loss 4.4e-16.
+ATOL64 = {"trans": 5e-14, "rots": 3e-14, "eps_pred": 5e-14, "loss": 2e-15}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -21,11 +24,9 @@ def test_float64_outputs_match_genie(genie_reference, reference_model, helpers, 
         frames = model(Rigid(inputs["rots_t"], inputs["xt"]), inputs["timesteps"], mask)
         eps = model.predict_noise(inputs["xt"], inputs["timesteps"], mask)
         loss = genie_loss(eps, inputs["noise"], mask)
-    helpers.assert_close(f"{name} trans", frames.trans[real], outputs["trans"][real], atol=1e-9, rtol=1e-9)
-    helpers.assert_close(f"{name} rots", frames.rots[real], outputs["rots"][real], atol=1e-9, rtol=1e-9)
-    helpers.assert_close(f"{name} eps_pred", eps[real], outputs["eps_pred"][real], atol=1e-9, rtol=1e-9)
-    helpers.report(f"{name} loss", loss, outputs["loss"])
-    assert abs(loss.item() - outputs["loss"].item()) < 1e-10
+    for key, value in (("trans", frames.trans), ("rots", frames.rots), ("eps_pred", eps)):
+        helpers.assert_close(f"{name} {key}", value[real], outputs[key][real], atol=ATOL64[key], rtol=0)
+    assert helpers.report(f"{name} loss", loss, outputs["loss"]) <= ATOL64["loss"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from functools import partialmethod
 
 import torch
 from torch import nn
 
 from genie_tk import ops
+
+
+def _check_sizes(owner: str, **sizes: int) -> None:
+    """Every size is a positive integer, else a ``ValueError`` naming it."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
 
 
 class Linear(nn.Linear):
@@ -94,6 +102,7 @@ class TriangleAttention(nn.Module):
 
     def __init__(self, c_in: int, c_hidden: int, no_heads: int, starting: bool = True, inf: float = 1e9):
         super().__init__()
+        _check_sizes(type(self).__name__, c_in=c_in, c_hidden=c_hidden, no_heads=no_heads)
         self.c_in, self.c_hidden, self.no_heads = c_in, c_hidden, no_heads
         self.starting, self.inf = starting, inf
         self.backend: str | None = None
@@ -154,6 +163,7 @@ class _TriangleMultiplicationBase(nn.Module, abc.ABC):
 
     def __init__(self, c_z: int, c_hidden: int, _outgoing: bool):
         super().__init__()
+        _check_sizes(type(self).__name__, c_z=c_z, c_hidden=c_hidden)
         self.c_z, self.c_hidden, self._outgoing = c_z, c_hidden, _outgoing
         self.backend: str | None = None
         self.linear_g = Linear(c_z, c_z, init="gating")
@@ -180,6 +190,8 @@ class _TriangleMultiplicationBase(nn.Module, abc.ABC):
         is computed in blocks of ``_inplace_chunk_size`` rows and, with
         ``_add_with_inplace=True``, added into ``z`` in place and ``z`` returned.
         """
+        if inplace_safe:
+            ops.check_chunk_size(_inplace_chunk_size, "_inplace_chunk_size")
         p_w, p_b, g_w, g_b = self._input_projections()
         out = ops.triangle_multiplicative_update(
             z,

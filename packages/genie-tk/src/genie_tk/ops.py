@@ -61,6 +61,31 @@ def check_pair(name: str, z: torch.Tensor, channels: int | None = None) -> None:
         raise ValueError(f"{name} has {z.shape[-1]} channels in its last axis, expected {channels}")
 
 
+def check_dtypes(name: str, z: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
+    """``z`` and ``weights`` share one dtype, or ``z`` is float16/bfloat16 over float32 weights
+    (autocast, and the tk kernels' inputs); otherwise a ``TypeError`` naming ``name``."""
+    first, ref = next(iter(weights.items()))
+    for wname, w in weights.items():
+        if w.dtype != ref.dtype:
+            raise TypeError(f"{wname} is {w.dtype} but {first} is {ref.dtype}: all weights must share one dtype")
+    if z.dtype == ref.dtype or (ref.dtype == torch.float32 and z.dtype in (torch.float16, torch.bfloat16)):
+        return
+    also = " (or float16/bfloat16)" if ref.dtype == torch.float32 else ""
+    raise TypeError(f"{name} is {z.dtype} but the weights (a module's parameters) are {ref.dtype}: expected "
+                    f"{name} in {ref.dtype}{also}; "
+                    f"convert one to the other, e.g. {name}.to({ref.dtype}) or module.to({z.dtype})")
+
+
+def check_chunk_size(chunk_size: int | None, name: str = "chunk_size") -> None:
+    """``chunk_size`` is ``None`` or a positive integer."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {chunk_size}")
+
+
 def check_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device, name: str = "mask") -> None:
     """``mask`` is ``None`` or a bool/floating tensor of ``shape`` (1 keep, 0 mask) on ``device``."""
     if mask is None:
@@ -126,6 +151,7 @@ def triangle_attention(
     _check_device(q.device, k=k, v=v, bias=bias)
     check_mask(mask, torch.Size((b, n_i, n_j)), q.device)
     inf = check_inf(inf)
+    check_chunk_size(chunk_size)
     bias = bias.to(q.dtype)
     name = select("triangle_attention", backend, q, k, v, bias, mask, head_dim=d)
     if name == "reference":
@@ -184,9 +210,13 @@ def triangle_attention_layer(
     check_mask(mask, z.shape[:-1], z.device)
     inf = check_inf(inf)
     gate_bias, out_bias = _or_zeros(gate_bias, gate_weight), _or_zeros(out_bias, out_weight)
+    check_chunk_size(chunk_size)
     weights = (layer_norm_weight, layer_norm_bias, bias_weight, q_weight, k_weight, v_weight,
                gate_weight, gate_bias, out_weight, out_bias)
     _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})
+    names = ("layer_norm_weight", "layer_norm_bias", "bias_weight", "q_weight", "k_weight", "v_weight",
+             "gate_weight", "gate_bias", "out_weight", "out_bias")
+    check_dtypes("z", z, dict(zip(names, weights)))
     name = select("triangle_attention_layer", backend, z, mask, head_dim=hd // n_h)
     if name == "reference":
         keys = ("layer_norm.weight", "layer_norm.bias", "linear.weight", "mha.linear_q.weight",
@@ -265,9 +295,13 @@ def triangle_multiplicative_update(
                          f"{tuple(p_in_weight.shape)} and {tuple(g_in_weight.shape)}")
     p_in_bias, g_in_bias = _or_zeros(p_in_bias, p_in_weight), _or_zeros(g_in_bias, g_in_weight)
     p_out_bias, g_out_bias = _or_zeros(p_out_bias, p_out_weight), _or_zeros(g_out_bias, g_out_weight)
+    check_chunk_size(chunk_size)
     weights = (norm_in_weight, norm_in_bias, p_in_weight, p_in_bias, g_in_weight, g_in_bias,
                norm_out_weight, norm_out_bias, p_out_weight, p_out_bias, g_out_weight, g_out_bias)
     _check_device(z.device, **{f"weight {i}": w for i, w in enumerate(weights)})
+    names = ("norm_in_weight", "norm_in_bias", "p_in_weight", "p_in_bias", "g_in_weight", "g_in_bias",
+             "norm_out_weight", "norm_out_bias", "p_out_weight", "p_out_bias", "g_out_weight", "g_out_bias")
+    check_dtypes("z", z, dict(zip(names, weights)))
     outgoing = direction == "outgoing"
     name = select("triangle_multiplicative_update", backend, z, mask, hidden=p_in_weight.shape[0] // 2)
     if name == "reference":
