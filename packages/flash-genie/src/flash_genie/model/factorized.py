@@ -6,7 +6,8 @@ never materialised:
     z_ij = Σ_k left_ik ⊙ right_jk        (elementwise over the C channels; left, right [B, N, r, C])
 
 (the form of Flash-IPA). Every module below works on the factors, in memory linear in ``N``;
-only IPA's attention logits are O(N²), in time, and in memory O(chunk·N·H) with ``chunk_size``.
+only IPA's attention is O(N²), in time, and in memory O(chunk·N·H·(3·Pq + 5)) with ``chunk_size``
+(its logits and point differences; unchunked, the point differences alone are N²·H·3·Pq values).
 Costs below count multiply-adds for one chain, with ``H`` IPA heads and ``Ch`` the tri-mul width.
 
 **Pair features** (:class:`FactorizedPairFeatureNet`): ``left = (Linear(s) + Linear_g(φ))·m``,
@@ -44,7 +45,7 @@ learned projection.
 
 The bias is a dot product over ``(k, c)`` and the pair values are attention over the right factors
 followed by a product with the left ones: O(N²·H·r·C) time beside the dense IPA's other terms,
-memory O(N·H·r·C + chunk·N·H) instead of the O(N²·C) pair tensor.
+memory O(N·H·r·C + chunk·N·H·(3·Pq + 5)) instead of the O(N²·C) pair tensor.
 
 **Pair update** (:class:`FactorizedPairTransformLayer`): triangle multiplicative updates whose
 product over the third residue ``m`` is computed *exactly* from Gram statistics. With
