@@ -60,3 +60,12 @@ def forward_backward(module, z, mask, cotangent):
     out = module(z, mask=mask)
     (out * cotangent).sum().backward()
     return out.detach(), z.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def force_efficient(monkeypatch) -> None:
+    """Make the torch backend take its chunked, memory-efficient path at every size
+    (by default small calls run the plain reference computation; see
+    :func:`genie_tk.torch_backend.plain`): for tests of that path on small inputs."""
+    from genie_tk import torch_backend
+
+    monkeypatch.setattr(torch_backend, "PLAIN_BYTES", dict.fromkeys(torch_backend.PLAIN_BYTES, -1))
