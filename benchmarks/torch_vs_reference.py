@@ -143,7 +143,8 @@ def measure(name: str, n: int, pass_: str, budget_s: float, max_reps: int) -> di
         calls[b]()
         first[b] = time.perf_counter() - start
     path = torch_backend.last_path(family)
-    reps = int(max(3, min(max_reps, budget_s / max(1e-6, sum(first.values())))))
+    floor = 2 if sum(first.values()) > 10 else 3  # the largest cases: two of each
+    reps = int(max(floor, min(max_reps, budget_s / max(1e-6, sum(first.values())))))
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     walls: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for i in range(reps):

@@ -74,3 +74,21 @@ def test_trimul_training_and_inference_thresholds_are_separate(monkeypatch):
     assert torch_backend.last_path("triangle_multiplicative_update") == "efficient"
     module(z)
     assert torch_backend.last_path("triangle_multiplicative_update") == "plain"
+
+
+@pytest.mark.parametrize("cls", TRI_MUL, ids=lambda c: c.__name__)
+def test_trimul_inference_row_blocks(monkeypatch, cls):
+    """The inference path's per-pair stages in blocks of one row give the whole-tensor numbers
+    (up to the last bits of a differently blocked GEMM)."""
+    monkeypatch.setattr(torch_backend, "PLAIN_BYTES", dict.fromkeys(torch_backend.PLAIN_BYTES, -1))
+    module = build(cls, 6, 4, 0, seed=7, backend="torch")
+    z = torch.randn(2, 11, 11, 6, dtype=torch.float64)
+    mask = pair_mask(2, 11, 2, 0.1, seed=8)
+    with torch.no_grad():
+        expected = build(cls, 6, 4, 0, seed=7, backend="reference")(z, mask=mask)
+        whole = module(z, mask=mask)
+        monkeypatch.setattr(torch_backend, "_CACHE_ELEMENTS", 1)
+        blocked = module(z, mask=mask)
+        chunked = module(z, mask=mask, inplace_safe=True, _inplace_chunk_size=4)
+    assert rel(blocked, whole) <= 1e-15 and rel(chunked, whole) <= 1e-15  # a GEMM's blocking: last bits
+    assert rel(whole, expected) <= 1e-14

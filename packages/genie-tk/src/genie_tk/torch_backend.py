@@ -42,6 +42,10 @@ _CHUNK_ELEMENTS = 1 << 20
 PLAIN_BYTES = {"triangle_attention": 4 << 20, "triangle_attention_layer": 4 << 20,
                "triangle_multiplicative_update": 4 << 20, "triangle_multiplicative_update_grad": 64 << 20}
 
+#: Elements of the widest per-pair intermediate in one block of the tri-mul's inference
+#: path (1 MiB of float32): a block's passes find their inputs in cache.
+_CACHE_ELEMENTS = 1 << 18
+
 _PATH: dict[str, str] = {}
 
 
@@ -332,16 +336,28 @@ def triangle_multiplicative_update(z, mask, weights, outgoing, eps, chunk_size):
         return reference.triangle_multiplicative_update(z, mask, params, outgoing, eps)
     if grad:
         return TriangleMultiplicationLayer.apply(z, mask, outgoing, eps, chunk_size, *weights)
-    zn = F.layer_norm(z, (c,), weights[0], weights[1], eps)
-    a, bb = _trimul_project(zn, mask, *_stacked_inputs(weights)).split(ch, dim=1)
+    # Inference: the per-pair stages (LayerNorm, projections, gates) run in blocks of rows
+    # that stay in cache from one elementwise pass to the next; the contraction is whole.
+    w_in, b_in = _stacked_inputs(weights)
+    ab = z.new_empty((b, 2 * ch, n, n))
+    rows = max(1, min(n, _CACHE_ELEMENTS // max(1, b * n * 4 * ch)))
+    for i0, i1 in _spans(n, rows):
+        zn = F.layer_norm(z[:, i0:i1], (c,), weights[0], weights[1], eps)
+        _trimul_project(zn, None if mask is None else mask[:, i0:i1], w_in, b_in, out=ab[:, :, i0:i1])
+    a, bb = ab.split(ch, dim=1)
     if fp16_enabled(z) and bool(a.std() != 0) and bool(bb.std() != 0):
         a, bb = (a / a.std()).float(), (bb / bb.std()).float()
     step = n if chunk_size is None else max(1, int(chunk_size))
-    blocks = [
-        _trimul_output(_trimul_contract(a, bb, outgoing, i0, i1), zn[:, i0:i1], weights[6:], eps)
-        for i0, i1 in _spans(n, step)
-    ]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    out = None
+    for i0, i1 in _spans(n, step):
+        x = _trimul_contract(a, bb, outgoing, i0, i1)
+        for r0, r1 in _spans(i1 - i0, rows):
+            zn = F.layer_norm(z[:, i0 + r0 : i0 + r1], (c,), weights[0], weights[1], eps)
+            block = _trimul_output(x[:, :, r0:r1], zn, weights[6:], eps)
+            if out is None:
+                out = block.new_empty((b, n, n, block.shape[-1]))
+            out[:, i0 + r0 : i0 + r1] = block
+    return out
 
 
 def _stacked_inputs(weights):
