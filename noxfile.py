@@ -80,12 +80,16 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- --model [--quick]`` runs the model memory benchmark instead
     (``benchmarks/model_memory.py``, arguments after ``--model`` go to it);
     ``--approx`` the approximate modes' memory and time (``benchmarks/approx_modes.py``) and
-    ``--approx-quality`` their quality at the same training budget (``benchmarks/approx_quality.py``).
+    ``--approx-quality`` their quality at the same training budget (``benchmarks/approx_quality.py``);
+    ``--torch-vs-reference`` genie-tk's torch/reference time and memory ratios over N = 16..384
+    (``benchmarks/torch_vs_reference.py``) and ``--genie-speed`` flash-genie against the original
+    Genie code (``benchmarks/genie_speed.py --genie-source DIR``, skipped without a checkout).
     matplotlib, for the plots, is installed in this session only."""
     install(session)
     session.install("matplotlib")
     bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
-    scripts = {"--model": "model_memory.py", "--approx": "approx_modes.py", "--approx-quality": "approx_quality.py"}
+    scripts = {"--model": "model_memory.py", "--approx": "approx_modes.py", "--approx-quality": "approx_quality.py",
+               "--torch-vs-reference": "torch_vs_reference.py", "--genie-speed": "genie_speed.py"}
     for flag, script in scripts.items():
         if flag in session.posargs:
             args = [a for a in session.posargs if a != flag]

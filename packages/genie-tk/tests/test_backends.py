@@ -9,7 +9,21 @@ from hypothesis import strategies as st
 
 import genie_tk
 from genie_tk import reference
-from genie_tk.testing import TRI_ATT, TRI_MUL, build, forward_backward, pair_mask, rel
+from genie_tk.testing import (
+    TRI_ATT,
+    TRI_MUL,
+    build,
+    force_efficient,
+    forward_backward,
+    pair_mask,
+    rel,
+)
+
+
+@pytest.fixture(autouse=True)
+def _efficient_path(monkeypatch):
+    """The torch backend's chunked path at every size here: its plain path is the reference."""
+    force_efficient(monkeypatch)
 
 
 def _compare(cls, b, n, c, hidden, heads, n_pad, drop, seed, tol=1e-12):

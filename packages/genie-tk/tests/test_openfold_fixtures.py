@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import genie_tk
-from genie_tk.testing import rel
+from genie_tk.testing import force_efficient, rel
 
 # Relative error bounds per tensor, about 5x the largest measured (torch 2.13.0 CPU, fp64, over
 # every fixture and both backends; one thread, two threads lower): output 6.1e-16, grad_z 1.0e-15,
@@ -39,9 +39,14 @@ def fixtures(shared_dir):
     return {name: torch.load(root / name, weights_only=True) for name in FILES}
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "torch-efficient"])
 @pytest.mark.parametrize("name", FILES)
-def test_matches_openfold(fixtures, name, backend):
+def test_matches_openfold(fixtures, name, backend, monkeypatch):
+    """``torch-efficient``: the torch backend forced onto its chunked path (these small
+    fixtures otherwise run its plain path)."""
+    if backend == "torch-efficient":
+        force_efficient(monkeypatch)
+        backend = "torch"
     fx = fixtures[name]
     module = getattr(genie_tk, fx["class"])(**fx["init_kwargs"]).double()
     module.load_state_dict(fx["state_dict"], strict=True)

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from genie_tk import torch_backend
-from genie_tk.testing import TRI_MUL, build, forward_backward, pair_mask, rel
+from genie_tk.testing import TRI_MUL, build, force_efficient, forward_backward, pair_mask, rel
+
+
+@pytest.fixture(autouse=True)
+def _efficient_path(monkeypatch):
+    """The node at every size here (small calls otherwise run plain autograd)."""
+    force_efficient(monkeypatch)
 
 
 def _saved_bytes(module, z, mask) -> int:

@@ -37,7 +37,7 @@ import torch
 from flash_genie.model.options import MemoryOptions
 
 GIB = 2**30
-_ATT_CHUNK = 1 << 22  # genie-tk's attention chunk: 2**22 logits
+_ATT_CHUNK = 1 << 20  # genie-tk's attention chunk: 2**20 logits (torch_backend._CHUNK_ELEMENTS)
 _TRIMUL_MIN = 1 << 22  # genie-tk's tri-mul node: rows per chunk hold at least 2**22 values
 
 
@@ -68,6 +68,14 @@ def _layer_terms(dims, opts: MemoryOptions, n: int, batch: int, act: int, stream
     ht, dt = _dim(dims, "n_head_tri"), _dim(dims, "c_hidden_tri_att")
     pairs = batch * n * n
     reference = opts.pair_stack_backend == "reference"
+    # genie-tk's torch backend runs the plain computation (the reference's memory) on
+    # small working sets (torch_backend.plain; the tk/triton kernels are modelled as torch).
+    from genie_tk import torch_backend
+
+    big = max(4, stream)
+    trimul_plain = reference or pairs * max(2 * ch, c) * big <= torch_backend.PLAIN_BYTES[
+        "triangle_multiplicative_update_grad"]
+    att_plain = reference or pairs * n * ht * big <= torch_backend.PLAIN_BYTES["triangle_attention_layer"]
     internal = 0.0
     work = []
     if dims["include_mul_update"]:
@@ -75,7 +83,7 @@ def _layer_terms(dims, opts: MemoryOptions, n: int, batch: int, act: int, stream
         # plain autograd (reference) keeps LN_in(z), both projections, their gated product,
         # a and b (permuted copies), x, LN_out(x), the output projection and gate.
         internal += 2 * c * stream
-        if reference:
+        if trimul_plain:
             internal += 2 * ((3 * c + 8) * stream + 8 * ch * act)
             work.append((4 * ch + 2 * c) * stream * pairs)
         else:
@@ -84,15 +92,14 @@ def _layer_terms(dims, opts: MemoryOptions, n: int, batch: int, act: int, stream
             rows = _trimul_rows(batch, n, c, ch)
             work.append(((3 * ch + c) + rows / n * (16 * ch + 4 * c)) * stream * pairs)
     if dims["include_tri_att"]:
-        # Two residual sums; genie-tk keeps the [B, H, N, N] bias, the softmax statistics
-        # (2 per head) and the mask bias per module. The reference keeps the whole
-        # [B, N, H, N, N] softmax.
+        # Two residual sums; genie-tk keeps the [B, H, N, N] bias and the mask bias per
+        # module. The reference keeps the whole [B, N, H, N, N] softmax.
         internal += 2 * c * stream
-        if reference:
+        if att_plain:
             internal += 2 * ((c + 7 * ht * dt) * act + (ht * n + ht + 1) * stream)
             work.append((2 * ht * n + c) * stream * pairs)
         else:
-            internal += 2 * (3 * ht + 1) * stream
+            internal += 2 * (ht + 1) * stream
             # Backward: d z, the incoming gradient, d bias, and per row chunk four
             # logits-sized buffers plus the chunk's projections and their gradients.
             rows = max(1, min(n, _ATT_CHUNK // max(1, batch * ht * n * n)))

@@ -130,3 +130,22 @@ def test_sample_with_a_real_model(tiny_config, helpers):
     mask = torch.ones(1, 6)
     out = sample(model, mask, make_schedule(10), generator=torch.Generator().manual_seed(1))
     assert out.x.dtype == torch.float32 and torch.isfinite(out.x).all()
+
+
+def test_trimmed_padding_gives_the_padded_run(tiny_config, helpers):
+    """A batch padded to 20 but no longer than 13 runs over 13 positions (the pair work
+    drops to (13/20)²) and gives the padded run's coordinates and draws, float64."""
+    model = helpers.random_model(tiny_config.replace(numTimesteps=12))
+    mask = torch.zeros(2, 20, dtype=torch.float64)
+    mask[0, :13], mask[1, :9] = 1, 1
+    calls = []
+    model.pair_feature_net.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
+    runs = {trim: sample(model, mask, make_schedule(12, "cosine", torch.float64), 0.6, trim_padding=trim,
+                         generator=torch.Generator().manual_seed(4), return_trajectory=True)
+            for trim in (False, True)}
+    assert calls == [20] * 12 + [13] * 12
+    err = (runs[True].trajectory - runs[False].trajectory).abs().max() / runs[False].trajectory.abs().max()
+    print(f"trimmed vs padded: max relative difference {err:.1e}")
+    assert err <= 1e-12
+    assert runs[True].x.shape == (2, 20, 3) and (runs[True].x[1, 9:] == 0).all()
+    assert torch.equal(runs[True].rots[:, 13:], runs[False].rots[:, 13:])

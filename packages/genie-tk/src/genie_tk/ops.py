@@ -157,7 +157,7 @@ def triangle_attention(
     if name == "reference":
         return reference.triangle_attention(q, k, v, bias, mask, scale, inf)
     if name == "torch":
-        return torch_backend.TriangleAttentionCore.apply(q, k, v, bias, mask, scale, inf, chunk_size)
+        return torch_backend.triangle_attention(q, k, v, bias, mask, scale, inf, chunk_size)
     return kernel(name, "triangle_attention").run(q, k, v, bias, mask, scale, inf)
 
 
@@ -219,10 +219,7 @@ def triangle_attention_layer(
     check_dtypes("z", z, dict(zip(names, weights)))
     name = select("triangle_attention_layer", backend, z, mask, head_dim=hd // n_h)
     if name == "reference":
-        keys = ("layer_norm.weight", "layer_norm.bias", "linear.weight", "mha.linear_q.weight",
-                "mha.linear_k.weight", "mha.linear_v.weight", "mha.linear_g.weight",
-                "mha.linear_g.bias", "mha.linear_o.weight", "mha.linear_o.bias")
-        params = dict(zip(keys, weights))
+        params = dict(zip(reference.ATTENTION_KEYS, weights))
         return reference.triangle_attention_layer(z, mask, params, n_h, starting, inf, eps, transpose_bias)
     if name in KERNEL_BACKENDS:
         return kernel(name, "triangle_attention_layer").run(z, mask, weights, starting, inf, eps, transpose_bias)
@@ -232,7 +229,7 @@ def triangle_attention_layer(
     lead, (n, _, _) = z.shape[:-3], z.shape[-3:]
     zb = z.reshape(-1, n, n, c)
     mb = None if mask is None else mask.reshape(-1, n, n)
-    out = torch_backend.TriangleAttentionLayer.apply(zb, mb, *weights, inf, eps, chunk_size, transpose_bias)
+    out = torch_backend.triangle_attention_layer(zb, mb, weights, inf, eps, chunk_size, transpose_bias)
     out = out.reshape(*lead, n, n, out.shape[-1])
     return out if starting else out.transpose(-2, -3)
 
@@ -305,10 +302,8 @@ def triangle_multiplicative_update(
     outgoing = direction == "outgoing"
     name = select("triangle_multiplicative_update", backend, z, mask, hidden=p_in_weight.shape[0] // 2)
     if name == "reference":
-        keys = ("layer_norm_in.weight", "layer_norm_in.bias", "linear_ab_p.weight", "linear_ab_p.bias",
-                "linear_ab_g.weight", "linear_ab_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
-                "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias")
-        return reference.triangle_multiplicative_update(z, mask, dict(zip(keys, weights)), outgoing, eps)
+        params = dict(zip(reference.TRI_MUL_KEYS, weights))
+        return reference.triangle_multiplicative_update(z, mask, params, outgoing, eps)
     if name in KERNEL_BACKENDS:
         return kernel(name, "triangle_multiplicative_update").run(z, mask, weights, outgoing, eps)
     lead, n = z.shape[:-3], z.shape[-2]

@@ -27,6 +27,16 @@ import torch.nn.functional as F
 
 Params = Mapping[str, torch.Tensor]
 
+#: ``TriangleAttention``'s parameters in the order of :func:`genie_tk.triangle_attention_layer`'s weights.
+ATTENTION_KEYS = ("layer_norm.weight", "layer_norm.bias", "linear.weight", "mha.linear_q.weight",
+                  "mha.linear_k.weight", "mha.linear_v.weight", "mha.linear_g.weight",
+                  "mha.linear_g.bias", "mha.linear_o.weight", "mha.linear_o.bias")
+#: The fused-projection tri-mul's parameters in the order of
+#: :func:`genie_tk.triangle_multiplicative_update`'s weights.
+TRI_MUL_KEYS = ("layer_norm_in.weight", "layer_norm_in.bias", "linear_ab_p.weight", "linear_ab_p.bias",
+                "linear_ab_g.weight", "linear_ab_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
+                "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias")
+
 
 def mask_bias(mask: torch.Tensor, inf: float, dtype: torch.dtype) -> torch.Tensor:
     """OpenFold's finite additive mask bias: 0 where ``mask`` is 1, ``-inf`` (finite) where 0."""

@@ -137,3 +137,12 @@ def layer_errors(ours, theirs, z, mask, label: str, **kwargs) -> dict[str, float
     print(f"{label}: max abs err out {(o1 - o2).abs().max().item():.2e}; max rel err {errors[worst]:.2e} ({worst}) "
           f"over out, dz and {len(g1)} parameter gradients")
     return errors
+
+
+def force_efficient(monkeypatch) -> None:
+    """Make the torch backend take its chunked, memory-efficient path at every size
+    (by default small calls run the plain reference computation; see
+    :func:`genie_tk.torch_backend.plain`): for tests of that path on small inputs."""
+    from genie_tk import torch_backend
+
+    monkeypatch.setattr(torch_backend, "PLAIN_BYTES", dict.fromkeys(torch_backend.PLAIN_BYTES, -1))

@@ -22,8 +22,46 @@ import torch.nn.functional as F
 
 from genie_tk.reference import fp16_enabled
 
-# Elements of one chunk's logits ([B, c, H, J, K]); 2**22 floats is 16 MiB.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements of one chunk's logits ([B, c, H, J, K]) when no chunk size is given; 2**20
+# floats is 4 MiB: a chunk's logits, probabilities and their gradient stay near the
+# CPU's caches between the products and the softmax, which is what makes the
+# chunked path faster than the plain one once the whole logits no longer fit.
+_CHUNK_ELEMENTS = 1 << 20
+
+#: Largest working set (bytes of the plain computation's biggest intermediate: the
+#: ``[B, I, H, J, K]`` logits of attention, one ``[B, N, N, max(2·Ch, C)]`` activation of
+#: the tri-mul) for which the torch backend runs the plain computation of
+#: :mod:`genie_tk.reference` instead of the chunked one. Below it the plain path is as
+#: fast and no larger (nothing to save by chunking while everything sits in cache);
+#: above it the chunked path is faster and smaller. The values come from
+#: ``benchmarks/torch_vs_reference.py`` on one CPU thread; 0 forces the chunked path.
+#: For the tri-mul in training the memory-efficient node recomputes its projections in
+#: backward (about a fifth more arithmetic at AF2's widths), so plain autograd stays the
+#: choice until its activations (about sixteen of that size) grow large: 64 MiB is
+#: N = 256 at ``C = Ch = 128``, batch 1.
+PLAIN_BYTES = {"triangle_attention": 4 << 20, "triangle_attention_layer": 4 << 20,
+               "triangle_multiplicative_update": 4 << 20, "triangle_multiplicative_update_grad": 64 << 20}
+
+#: Elements of the widest per-pair intermediate in one block of the tri-mul's inference
+#: path (1 MiB of float32): a block's passes find their inputs in cache.
+_CACHE_ELEMENTS = 1 << 18
+
+_PATH: dict[str, str] = {}
+
+
+def last_path(op: str) -> str | None:
+    """``"plain"`` or ``"efficient"``: how the latest torch-backend call of ``op`` ran."""
+    return _PATH.get(op)
+
+
+def plain(op: str, working_bytes: int, chunk_size: int | None, grad: bool = False) -> bool:
+    """Whether the torch backend runs ``op`` as the plain reference computation: only
+    when no ``chunk_size`` is asked for and the working set is at most ``PLAIN_BYTES``
+    (the training entry for the tri-mul when ``grad``); records the choice."""
+    key = op + "_grad" if grad and op + "_grad" in PLAIN_BYTES else op
+    choice = chunk_size is None and working_bytes <= PLAIN_BYTES[key]
+    _PATH[op] = "plain" if choice else "efficient"
+    return choice
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,7 +70,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_chunk(rows: int, elements_per_row: int, chunk_size: int | None) -> int:
-    """Rows per chunk: ``chunk_size`` when given, else what keeps a chunk near 16 MiB."""
+    """Rows per chunk: ``chunk_size`` when given, else what keeps a chunk near ``_CHUNK_ELEMENTS``."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
     return max(1, min(rows, _CHUNK_ELEMENTS // max(1, elements_per_row)))
@@ -47,49 +85,61 @@ def _scaled(q: torch.Tensor, scale: float | None) -> torch.Tensor:
 
 
 def _logits(qs, k, bias, mask_bias):
-    """``(q·k + mask_bias) + bias`` in the accumulation dtype: ``[B, c, H, J, K]``."""
-    s = (qs @ k.transpose(-1, -2)).to(acc_dtype(qs.dtype))
+    """``(q·k + mask_bias) + bias`` in the accumulation dtype: ``[B, c, H, J, K]``
+    (added in place into the fresh product: the same sums in the same order)."""
+    s = qs @ k.transpose(-1, -2)
+    acc = acc_dtype(qs.dtype)
+    s = s.to(acc) if s.dtype != acc else s
     if mask_bias is not None:
-        s = s + mask_bias[:, :, None, None, :]
-    return s + bias[:, None]
+        s.add_(mask_bias[:, :, None, None, :])
+    return s.add_(bias[:, None])
+
+
+def _probs(qs, k, bias, mask_bias):
+    """Attention probabilities of one chunk of rows, ``[B, c, H, J, K]``."""
+    return torch.softmax(_logits(qs, k, bias, mask_bias), dim=-1)
 
 
 def attention_chunk_forward(qs, k, v, bias, mask_bias):
-    """One chunk of rows: ``(o, stats)``, ``o`` ``[B, c, H, J, D]``, ``stats`` ``[B, c, H, J, 2]``.
+    """One chunk of rows: ``o`` ``[B, c, H, J, D]`` = ``softmax(logits) v``."""
+    return _probs(qs, k, bias, mask_bias).to(v.dtype) @ v
 
-    ``stats`` holds the row maximum and the log of the row sum of ``exp(s - max)``.
-    They are kept apart rather than as one log-sum-exp: in a fully masked row
-    every logit is near -1e9, where a float64 log-sum-exp would be rounded to a
-    1.2e-7 grid and the recomputed probabilities would no longer sum to one.
+
+def attention_chunk_backward(p, qs, k, v, do, q_scale):
+    """Gradients of one chunk from its probabilities ``p`` (recomputed by :func:`_probs`
+    with the forward's softmax, so no statistics are saved and a fully masked row,
+    whose logits sit near -1e9, comes out as in the forward): ``(dq, dk, dv, dbias)``,
+    ``dbias`` summed over the chunk rows. ``q_scale`` is the factor between ``q`` and
+    ``qs`` (``d q = q_scale * d qs``).
     """
-    s = _logits(qs, k, bias, mask_bias)
-    m = s.amax(dim=-1, keepdim=True)
-    e = torch.exp(s - m)
-    total = e.sum(dim=-1, keepdim=True)
-    return (e / total).to(v.dtype) @ v, torch.cat([m, total.log()], dim=-1)
-
-
-def attention_chunk_backward(qs, k, v, bias, mask_bias, o, stats, do, q_scale):
-    """Gradients of one chunk: ``(dq, dk, dv, dbias)``; ``dbias`` is summed over the chunk rows.
-
-    ``q_scale`` is the factor between ``q`` and ``qs`` (``d q = q_scale * d qs``).
-    """
-    p = torch.exp((_logits(qs, k, bias, mask_bias) - stats[..., :1]) - stats[..., 1:])
     dv = p.to(do.dtype).transpose(-1, -2) @ do
     dp = (do @ v.transpose(-1, -2)).to(p.dtype)
-    delta = (do.to(p.dtype) * o.to(p.dtype)).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
+    ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p · (dp - Σ p·dp)
+    del p, dp
     dbias = ds.sum(1)
     ds = ds.to(qs.dtype)
-    return (ds @ k) * q_scale, ds.transpose(-1, -2) @ qs, dv, dbias
+    return (ds @ k).mul_(q_scale), ds.transpose(-1, -2) @ qs, dv, dbias
 
 
 def _mask_bias(mask: torch.Tensor | None, inf: float, dtype: torch.dtype) -> torch.Tensor | None:
     return None if mask is None else inf * (mask.to(dtype) - 1)
 
 
+def triangle_attention(q, k, v, bias, mask, scale, inf, chunk_size):
+    """The torch backend's attention core (arguments as :func:`genie_tk.triangle_attention`)."""
+    from genie_tk import reference
+
+    b, n_i, h, n_j, _ = q.shape
+    logits = b * n_i * h * n_j * k.shape[-2] * acc_dtype(q.dtype).itemsize
+    if plain("triangle_attention", logits, chunk_size):
+        return reference.triangle_attention(q, k, v, bias, mask, scale, inf)
+    return TriangleAttentionCore.apply(q, k, v, bias, mask, scale, inf, chunk_size)
+
+
 class TriangleAttentionCore(torch.autograd.Function):
-    """Chunked triangle attention core; see :func:`genie_tk.triangle_attention` for shapes."""
+    """Chunked triangle attention core; see :func:`genie_tk.triangle_attention` for shapes.
+
+    Saves only its inputs; backward recomputes each chunk's probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale, inf, chunk_size):
@@ -97,28 +147,28 @@ class TriangleAttentionCore(torch.autograd.Function):
         step = row_chunk(n_i, b * h * n_j * k.shape[-2], chunk_size)
         mb = _mask_bias(mask, inf, acc_dtype(q.dtype))
         o = torch.empty_like(q)
-        stats = q.new_empty((b, n_i, h, n_j, 2), dtype=acc_dtype(q.dtype))
         for i0, i1 in _spans(n_i, step):
-            o[:, i0:i1], stats[:, i0:i1] = attention_chunk_forward(
+            o[:, i0:i1] = attention_chunk_forward(
                 _scaled(q[:, i0:i1], scale), k[:, i0:i1], v[:, i0:i1], bias,
                 None if mb is None else mb[:, i0:i1],
             )
-        ctx.save_for_backward(q, k, v, bias, mb, o, stats)
+        ctx.save_for_backward(q, k, v, bias, mb)
         ctx.scale, ctx.step = scale, step
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, bias, mb, o, stats = ctx.saved_tensors
+        q, k, v, bias, mb = ctx.saved_tensors
         q_scale = 1 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dbias = torch.zeros_like(bias, dtype=acc_dtype(bias.dtype))
         for i0, i1 in _spans(q.shape[1], ctx.step):
+            qs, kc = _scaled(q[:, i0:i1], ctx.scale), k[:, i0:i1]
+            p = _probs(qs, kc, bias, None if mb is None else mb[:, i0:i1])
             dq[:, i0:i1], dk[:, i0:i1], dv[:, i0:i1], db = attention_chunk_backward(
-                _scaled(q[:, i0:i1], ctx.scale), k[:, i0:i1], v[:, i0:i1], bias,
-                None if mb is None else mb[:, i0:i1], o[:, i0:i1], stats[:, i0:i1],
-                do[:, i0:i1], q_scale,
+                p, qs, kc, v[:, i0:i1], do[:, i0:i1], q_scale
             )
+            del p
             dbias += db
         return dq, dk, dv, dbias.to(bias.dtype), None, None, None, None
 
@@ -157,22 +207,19 @@ class TriangleAttentionLayer(torch.autograd.Function):
         bias = _triangle_bias(z, ln_w, ln_b, w_bias, eps, step, transpose_bias)
         mb = _mask_bias(mask, inf, acc_dtype(z.dtype))
         out = z.new_empty((*z.shape[:-1], w_o.shape[0]))
-        stats = z.new_empty((b, n_i, n_h, n_j, 2), dtype=acc_dtype(z.dtype))
         for i0, i1 in _spans(n_i, step):
             x = F.layer_norm(z[:, i0:i1], z.shape[-1:], ln_w, ln_b, eps)
             q, k, v, g = _heads_split(x @ w_in.T, n_h, hd)
-            o, stats[:, i0:i1] = attention_chunk_forward(
-                _scaled(q, None), k, v, bias, None if mb is None else mb[:, i0:i1]
-            )
+            o = attention_chunk_forward(_scaled(q, None), k, v, bias, None if mb is None else mb[:, i0:i1])
             o = _merge_heads(o)
             out[:, i0:i1] = F.linear(o * torch.sigmoid(g + b_g), w_o, b_o)
-        ctx.save_for_backward(z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias, stats)
+        ctx.save_for_backward(z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias)
         ctx.eps, ctx.step, ctx.hd, ctx.transpose_bias = eps, step, hd, transpose_bias
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias, stats = ctx.saved_tensors
+        z, mb, ln_w, ln_b, w_bias, w_in, b_g, w_o, bias = ctx.saved_tensors
         n_h, hd, eps = w_bias.shape[0], ctx.hd, ctx.eps
         acc = acc_dtype(z.dtype)
         q_scale = 1 / math.sqrt(hd // n_h)
@@ -189,17 +236,16 @@ class TriangleAttentionLayer(torch.autograd.Function):
             q, k, v, g = _heads_split(x @ w_in.T, n_h, hd)
             qs = _scaled(q, None)
             mbc = None if mb is None else mb[:, i0:i1]
-            o_h, _ = attention_chunk_forward(qs, k, v, bias, mbc)
-            o = _merge_heads(o_h)
+            p = _probs(qs, k, bias, mbc)
+            o = _merge_heads(p.to(v.dtype) @ v)
             gate = torch.sigmoid(g + b_g)
             d_w_o += _outer(dy, o * gate)
             d_b_o += dy.sum((0, 1, 2), dtype=acc)
             d_og = dy @ w_o
             d_g = d_og * o * gate * (1 - gate)
             d_o = (d_og * gate).unflatten(-1, (n_h, -1)).transpose(2, 3)
-            dq, dk, dv, db = attention_chunk_backward(
-                qs, k, v, bias, mbc, o_h, stats[:, i0:i1], d_o, q_scale
-            )
+            dq, dk, dv, db = attention_chunk_backward(p, qs, k, v, d_o, q_scale)
+            del p
             d_bias += db
             d_proj = torch.cat([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv), d_g], -1)
             d_w_in += _outer(d_proj, x)
@@ -252,47 +298,99 @@ def _merge_heads(t):
     return t.transpose(2, 3).flatten(-2)
 
 
+def triangle_attention_layer(z, mask, weights, inf, eps, chunk_size, transpose_bias=False):
+    """The torch backend's ``TriangleAttention`` on ``z`` ``[B, I, J, C]`` (starting-node
+    layout), ``mask`` ``[B, I, J]`` or ``None``; ``weights`` in the order of
+    :data:`genie_tk.reference.ATTENTION_KEYS`; ``transpose_bias`` as OpenFold3's."""
+    from genie_tk import reference
+
+    b, n_i, n_j, _ = z.shape
+    n_h = weights[2].shape[0]
+    logits = b * n_i * n_h * n_j * n_j * acc_dtype(z.dtype).itemsize
+    if plain("triangle_attention_layer", logits, chunk_size):
+        params = dict(zip(reference.ATTENTION_KEYS, weights))
+        return reference.triangle_attention_layer(z, mask, params, n_h, True, inf, eps, transpose_bias)
+    return TriangleAttentionLayer.apply(z, mask, *weights, inf, eps, chunk_size, transpose_bias)
+
+
 def triangle_multiplicative_update(z, mask, weights, outgoing, eps, chunk_size):
-    """Tri-mul on ``[B, N, N, C]`` with channel-first batched matmuls.
+    """Tri-mul on ``[B, N, N, C]``: natural-layout projections, channel-first contraction.
 
     ``weights`` is ``(ln_in_w, ln_in_b, p_in_w, p_in_b, g_in_w, g_in_b, ln_out_w,
     ln_out_b, p_out_w, p_out_b, g_out_w, g_out_b)`` with the a/b projections
-    stacked (``[2·Ch, C]``). The projections are computed directly in channel-first
-    layout (``[B, 2·Ch, N·N]``) so the contraction needs no copy; ``chunk_size``
-    computes the output in blocks of rows so the ``[B, N, N, Ch]`` product is never
-    whole (inference memory).
+    stacked (``[2·Ch, C]``). Both input projections run as one fused ``addmm`` in the
+    natural layout and the gated, masked product is written straight into the
+    channel-first ``[B, 2·Ch, N, N]`` buffer the per-channel contraction reads;
+    ``chunk_size`` computes the output in blocks of rows so the ``[B, N, N, Ch]``
+    product is never whole (inference memory).
 
     When autograd records (training), the whole update runs as one
     :class:`TriangleMultiplicationLayer` node that keeps only its input and the
-    contraction for backward (OpenFold's float16 branch, whose normalisation by
-    standard deviations is differentiated through, stays on plain autograd).
+    contraction for backward, unless the working set is small enough for plain
+    autograd on the reference to be as fast (:func:`plain`); OpenFold's float16
+    branch, whose normalisation by standard deviations is differentiated through,
+    stays on plain autograd.
     """
-    grad = torch.is_grad_enabled() and (z.requires_grad or any(w.requires_grad for w in weights))
-    if grad and not fp16_enabled(z):
-        return TriangleMultiplicationLayer.apply(z, mask, outgoing, eps, chunk_size, *weights)
+    from genie_tk import reference
+
     b, n, _, c = z.shape
     ch = weights[2].shape[0] // 2
-    zn = F.layer_norm(z, (c,), weights[0], weights[1], eps)
-    a, bb = _trimul_project(zn, mask, *weights[2:6]).view(b, 2 * ch, n, n).split(ch, dim=1)
+    grad = torch.is_grad_enabled() and (z.requires_grad or any(w.requires_grad for w in weights))
+    working = b * n * n * max(2 * ch, c) * acc_dtype(z.dtype).itemsize
+    if (fp16_enabled(z) and grad) or plain("triangle_multiplicative_update", working, chunk_size, grad):
+        _PATH["triangle_multiplicative_update"] = "plain"
+        params = dict(zip(reference.TRI_MUL_KEYS, weights))
+        return reference.triangle_multiplicative_update(z, mask, params, outgoing, eps)
+    if grad:
+        return TriangleMultiplicationLayer.apply(z, mask, outgoing, eps, chunk_size, *weights)
+    # Inference: the per-pair stages (LayerNorm, projections, gates) run in blocks of rows
+    # that stay in cache from one elementwise pass to the next; the contraction is whole.
+    w_in, b_in = _stacked_inputs(weights)
+    ab = z.new_empty((b, 2 * ch, n, n))
+    rows = max(1, min(n, _CACHE_ELEMENTS // max(1, b * n * 4 * ch)))
+    for i0, i1 in _spans(n, rows):
+        zn = F.layer_norm(z[:, i0:i1], (c,), weights[0], weights[1], eps)
+        _trimul_project(zn, None if mask is None else mask[:, i0:i1], w_in, b_in, out=ab[:, :, i0:i1])
+    a, bb = ab.split(ch, dim=1)
     if fp16_enabled(z) and bool(a.std() != 0) and bool(bb.std() != 0):
         a, bb = (a / a.std()).float(), (bb / bb.std()).float()
     step = n if chunk_size is None else max(1, int(chunk_size))
-    blocks = [
-        _trimul_output(_trimul_contract(a, bb, outgoing, i0, i1), zn[:, i0:i1], weights[6:], eps)
-        for i0, i1 in _spans(n, step)
-    ]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    out = None
+    for i0, i1 in _spans(n, step):
+        x = _trimul_contract(a, bb, outgoing, i0, i1)
+        for r0, r1 in _spans(i1 - i0, rows):
+            zn = F.layer_norm(z[:, i0 + r0 : i0 + r1], (c,), weights[0], weights[1], eps)
+            block = _trimul_output(x[:, :, r0:r1], zn, weights[6:], eps)
+            if out is None:
+                out = block.new_empty((b, n, n, block.shape[-1]))
+            out[:, i0 + r0 : i0 + r1] = block
+    return out
 
 
-def _trimul_project(zn, mask, p_w, p_b, g_w, g_b):
-    """``[a | b] = mask · σ(zn G_inᵀ + g_in) ⊙ (zn P_inᵀ + p_in)`` channel-first:
-    ``zn`` ``[B, R, N, C]`` -> ``[B, 2·Ch, R·N]``."""
-    b, r, n, c = zn.shape
-    zf = zn.reshape(b, r * n, c).transpose(1, 2)  # [B, C, R·N]
-    ab = torch.sigmoid(g_w @ zf + g_b[:, None]) * (p_w @ zf + p_b[:, None])
+def _stacked_inputs(weights):
+    """``(W, b)``: the projection and gate of a and b stacked, ``[4·Ch, C]`` and ``[4·Ch]``."""
+    p_w, p_b, g_w, g_b = weights[2:6]
+    return torch.cat([p_w, g_w]), torch.cat([p_b, g_b])
+
+
+def _trimul_project(zn, mask, w, bias, out=None):
+    """``[a | b] = (zn P_inᵀ + p_in) ⊙ σ(zn G_inᵀ + g_in) · mask`` from ``zn`` ``[B, R, N, C]``
+    into channel-first ``out`` ``[B, 2·Ch, R, N]`` (allocated when ``None``).
+
+    ``w``, ``bias``: the stacked projection and gate (:func:`_stacked_inputs`), so both
+    come from one ``addmm`` in the natural layout, bias included; the product is
+    written through a permuted view of ``out``, the one layout change. The mask (0 or
+    1) multiplies the gate first: the same numbers as multiplying the product."""
+    b, r, n, _ = zn.shape
+    ch2 = w.shape[0] // 2
+    proj = F.linear(zn, w, bias)  # [B, R, N, 4·Ch]
+    p, gate = proj[..., :ch2], proj[..., ch2:].sigmoid_()
     if mask is not None:
-        ab = ab * mask.reshape(b, 1, r * n).to(ab.dtype)
-    return ab
+        gate.mul_(mask.unsqueeze(-1).to(gate.dtype))
+    if out is None:
+        out = zn.new_empty((b, ch2, r, n))
+    torch.mul(p, gate, out=out.permute(0, 2, 3, 1))
+    return out
 
 
 def _trimul_contract(a, bb, outgoing, i0, i1):
@@ -333,7 +431,7 @@ class TriangleMultiplicationLayer(torch.autograd.Function):
         b, n, _, c = z.shape
         ch = weights[2].shape[0] // 2
         zn = F.layer_norm(z, (c,), weights[0], weights[1], eps)
-        a, bb = _trimul_project(zn, mask, *weights[2:6]).view(b, 2 * ch, n, n).split(ch, dim=1)
+        a, bb = _trimul_project(zn, mask, *_stacked_inputs(weights)).split(ch, dim=1)
         x = _trimul_contract(a, bb, outgoing, 0, n)
         del a, bb
         step = _trimul_rows(b, n, c, ch, chunk_size)
@@ -367,18 +465,18 @@ def _trimul_rows(b: int, n: int, c: int, ch: int, chunk_size: int | None) -> int
 
 def _trimul_backward(z, mask, x, weights, dout, outgoing, eps, step):
     w = [t.to(z.dtype) for t in weights]
-    (ln_w, ln_b, p_w, p_b, g_w, g_b, lo_w, lo_b, po_w, po_b, go_w, go_b) = w
+    (ln_w, ln_b, p_w, _, _, _, lo_w, lo_b, po_w, po_b, go_w, go_b) = w
     b, n, _, c = z.shape
     ch = p_w.shape[0] // 2
     spans = _spans(n, step)
     acc = {name: torch.zeros_like(t) for name, t in zip(_TRIMUL_NAMES, w)}
 
     # a and b (channel-first [B, 2·Ch, N, N]), recomputed in row chunks.
+    w_in, b_in = _stacked_inputs(w)
     ab = z.new_empty((b, 2 * ch, n, n))
     for i0, i1 in spans:
         zn = F.layer_norm(z[:, i0:i1], (c,), ln_w, ln_b, eps)
-        mk = None if mask is None else mask[:, i0:i1]
-        ab[:, :, i0:i1] = _trimul_project(zn, mk, p_w, p_b, g_w, g_b).view(b, 2 * ch, i1 - i0, n)
+        _trimul_project(zn, None if mask is None else mask[:, i0:i1], w_in, b_in, out=ab[:, :, i0:i1])
 
     # Output side, row chunk by row chunk: the contraction's gradient dx, and the
     # output gate's share of d LN_in(z), parked in dz until the input side adds its own.
@@ -415,27 +513,29 @@ def _trimul_backward(z, mask, x, weights, dout, outgoing, eps, step):
         bb.copy_(db)
     del dx
 
-    # Input side: through the masked gated projections and LN_in.
+    # Input side: through the masked gated projections and LN_in, in the natural layout.
+    d_w_in = torch.zeros_like(w_in)
+    d_b_in = torch.zeros_like(b_in)
     for i0, i1 in spans:
         zc = z[:, i0:i1]
         zn, mean, rstd = _layer_norm(zc, ln_w, ln_b, eps)
-        rn = (i1 - i0) * n
-        zf = zn.reshape(b, rn, c).transpose(1, 2)  # [B, C, R·N]
-        sig = torch.sigmoid(g_w @ zf + g_b[:, None])
-        proj = p_w @ zf + p_b[:, None]
-        dab = ab[:, :, i0:i1].reshape(b, 2 * ch, rn)
+        proj = F.linear(zn, w_in, b_in)  # [B, R, N, 4·Ch]
+        p, sig = proj[..., : 2 * ch], proj[..., 2 * ch :].sigmoid_()
+        dab = ab[:, :, i0:i1].permute(0, 2, 3, 1)  # d[a | b], [B, R, N, 2·Ch]
         if mask is not None:
-            dab = dab * mask[:, i0:i1].reshape(b, 1, rn).to(dab.dtype)
-        dproj = dab * sig
-        dgate = dab * proj * sig * (1 - sig)
-        acc["p_w"] += (dproj @ zf.transpose(1, 2)).sum(0)
-        acc["p_b"] += dproj.sum((0, 2))
-        acc["g_w"] += (dgate @ zf.transpose(1, 2)).sum(0)
-        acc["g_b"] += dgate.sum((0, 2))
-        dzn = (p_w.t() @ dproj + g_w.t() @ dgate).transpose(1, 2).reshape(zc.shape) + dz[:, i0:i1]
+            dab = dab * mask[:, i0:i1].unsqueeze(-1).to(dab.dtype)
+        d_in = torch.empty_like(proj)
+        torch.mul(dab, sig, out=d_in[..., : 2 * ch])  # d projection
+        torch.mul(dab * p, sig * (1 - sig), out=d_in[..., 2 * ch :])  # d gate pre-activation
+        del proj, p, sig, dab
+        d_w_in += _outer(d_in, zn)
+        d_b_in += d_in.sum((0, 1, 2))
+        dzn = torch.addmm(dz[:, i0:i1].reshape(-1, c), d_in.reshape(-1, 4 * ch), w_in).view(zc.shape)
         dz[:, i0:i1], dw, dbb = _layer_norm_backward(dzn, zc, mean, rstd, ln_w, ln_b)
         acc["ln_w"] += dw
         acc["ln_b"] += dbb
+    acc["p_w"], acc["g_w"] = d_w_in.split(2 * ch)
+    acc["p_b"], acc["g_b"] = d_b_in.split(2 * ch)
     return (dz, *(acc[name].to(t.dtype) for name, t in zip(_TRIMUL_NAMES, weights)))
 
 

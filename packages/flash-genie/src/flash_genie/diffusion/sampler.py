@@ -29,17 +29,20 @@ def p_step(
     noise_scale: float,
     z: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    padded_length: int | None = None,
 ) -> torch.Tensor:
     """One reverse step from ``x`` ``[B, N, 3]`` at timestep ``s`` (shared by the batch).
 
     ``mean = (x - w·ε̂) / sqrt(α_s)`` with ``w = (1 - α_s)/sqrt(1 - ᾱ_s)`` (Genie writes
     ``1 - α_s``, not ``β_s``: equal up to rounding), masked; for ``s > 0`` the result is
     ``(mean + noise_scale·sqrt(β_s)·z)·mask`` with ``z`` drawn from ``generator`` unless
-    given; for ``s = 0`` it is the mean and nothing is drawn.
+    given; for ``s = 0`` it is the mean and nothing is drawn. ``padded_length`` goes to
+    ``model.predict_noise`` (a batch run without its padding, see :func:`sample`).
     """
     m = mask.to(x.dtype).unsqueeze(-1)
     steps = torch.full((x.shape[0],), s, dtype=torch.long, device=x.device)
-    eps_hat = model.predict_noise(x, steps, mask)
+    kwargs = {} if padded_length is None else {"padded_length": padded_length}
+    eps_hat = model.predict_noise(x, steps, mask, **kwargs)
     alpha, sqrt_alpha, sqrt_one_minus_ac, sqrt_beta = (
         getattr(schedule, k)[s].to(x)
         for k in ("alphas", "sqrt_alphas", "sqrt_one_minus_alphas_cumprod", "sqrt_betas")
@@ -64,6 +67,7 @@ def sample(
     z: torch.Tensor | None = None,
     return_trajectory: bool = False,
     autocast: torch.dtype | None = None,
+    trim_padding: bool = True,
 ) -> Samples:
     """Run all ``T`` reverse steps, ``s = T-1, …, 0`` (Genie's ``p_sample_loop``).
 
@@ -83,6 +87,14 @@ def sample(
         autocast: run the denoiser under autocast to this dtype (``torch.bfloat16``:
             half the activation memory and faster matmuls on GPUs; the sampler's own
             arithmetic, the frames and the returned coordinates stay in the model's dtype).
+        trim_padding: run a flash-genie denoiser (dense pairs) only over the first
+            ``max(lengths)`` positions when every chain is shorter than ``N``: padded
+            residues enter its layers only through the masks, so the real residues get
+            the padded run's numbers up to rounding (Genie's residue-index encoding
+            keeps the padded length as its scale), at ``(max(lengths) / N)²`` of the pair
+            work. The draws are still made at ``[B, N, 3]``, in the same order, and the
+            result is returned padded: only the arithmetic changes. ``False`` computes
+            the padded slots too, as the original does.
 
     Runs in ``torch.inference_mode`` (no autograd state at all); the model's memory
     options (chunked IPA, pair transition and triangle attention) bound its activations.
@@ -100,15 +112,44 @@ def sample(
         x_init = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     elif tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
+    n_res = mask.shape[1]
+    keep = _trimmed_length(model, mask) if trim_padding else n_res
+    padded = None if keep == n_res else n_res
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        x = x_init.to(dtype) * mask.to(dtype).unsqueeze(-1)
-        trajectory = [x] if return_trajectory else None
+        full = x_init.to(dtype) * mask.to(dtype).unsqueeze(-1)
+        x, run_mask = full[:, :keep], mask[:, :keep]
+        trajectory = [full] if return_trajectory else None
         for k, s in enumerate(range(n_steps - 1, -1, -1)):
-            z_k = None if z is None or s == 0 else z[k].to(dtype)
-            x = p_step(model, schedule, x, s, mask, noise_scale, z=z_k, generator=generator)
+            z_k = None
+            if s > 0 and z is not None:
+                z_k = z[k, :, :keep].to(dtype)
+            elif s > 0 and padded is not None:  # the full draw, as the padded run makes it
+                z_k = torch.randn(shape, generator=generator, dtype=dtype, device=device)[:, :keep]
+            x = p_step(model, schedule, x, s, run_mask, noise_scale, z=z_k, generator=generator,
+                       padded_length=padded)
             if trajectory is not None:
-                trajectory.append(x)
+                trajectory.append(_pad(x, n_res))
+        x = _pad(x, n_res)
         traj = torch.stack(trajectory) if trajectory is not None else None
         rots = frenet_frames(x, mask)
     # Ordinary tensors (inference tensors cannot enter autograd later).
     return Samples(x.clone(), rots.clone(), None if traj is None else traj.clone())
+
+
+def _trimmed_length(model, mask: torch.Tensor) -> int:
+    """Positions the sampler computes: the longest chain for a dense flash-genie denoiser
+    (whose padded residues only enter through the masks), all ``N`` otherwise."""
+    from flash_genie.model.approx import Approximations
+    from flash_genie.model.denoiser import Denoiser
+
+    n_res = mask.shape[1]
+    if not isinstance(model, Denoiser) or model.approx != Approximations() or not n_res:
+        return n_res
+    return max(1, int(prefix_lengths(mask).max()))
+
+
+def _pad(x: torch.Tensor, n_res: int) -> torch.Tensor:
+    """``x`` ``[B, n, 3]`` zero-padded to ``[B, n_res, 3]``."""
+    if x.shape[1] == n_res:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], n_res - x.shape[1], x.shape[2]))], dim=1)

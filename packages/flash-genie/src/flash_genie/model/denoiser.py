@@ -191,7 +191,8 @@ class Denoiser(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.single_feature_net.linear.weight.dtype
 
-    def forward(self, frames: Rigid, timesteps: torch.Tensor, mask: torch.Tensor) -> Rigid:
+    def forward(self, frames: Rigid, timesteps: torch.Tensor, mask: torch.Tensor, *,
+                padded_length: int | None = None) -> Rigid:
         """Refined frames from noisy ones.
 
         Args:
@@ -200,12 +201,15 @@ class Denoiser(nn.Module):
             timesteps: ``[B]`` int64 timestep indices in ``[0, n_timestep)``.
             mask: ``[B, N]`` 1 for residues, 0 for padding.
 
+            padded_length: the length the chains count as padded to (default ``N``): the
+                scale of Genie's residue-index encoding (see :meth:`predict_noise`).
+
         Returns:
             ``Rigid`` ``[B, N]``; ``frames.trans - returned.trans`` is the noise estimate.
         """
         mask = mask.to(frames.trans.dtype)
         ckpt_pair, ckpt_struct = self.checkpoint_plan(*mask.shape)
-        s = self.single_feature_net(timesteps, mask)
+        s = self.single_feature_net(timesteps, mask, padded_length)
         if self.approx.pair_mode != "dense":
             p = approximate_pair_stack(self, s, frames.trans, mask, checkpoint_layers=ckpt_pair)
             return self.structure_net(s, p, frames, mask, checkpoint_layers=ckpt_struct)
@@ -215,7 +219,8 @@ class Denoiser(nn.Module):
             p = self.pair_transform_net(p, pair_mask, checkpoint_layers=ckpt_pair)
         return self.structure_net(s, p, frames, mask, checkpoint_layers=ckpt_struct)
 
-    def predict_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor, *,
+                      padded_length: int | None = None) -> torch.Tensor:
         """Predicted noise ``[B, N, 3]`` for noisy Cα coordinates, as Genie's loss and sampler use it.
 
         Args:
@@ -226,9 +231,15 @@ class Denoiser(nn.Module):
         The Frenet frames of ``xt`` are built inside, as Genie does; the result is
         ``xt - forward(frames(xt), timesteps, mask).trans``. Only real residues
         are meaningful.
+
+        ``padded_length`` runs a batch padded to that length without its padding: ``xt``
+        and ``mask`` hold only the first ``N`` positions (every chain fits), and the
+        real residues get the padded batch's noise estimate up to rounding (padded
+        residues enter every layer only through the masks; Genie's residue-index
+        encoding is the one place the padded length shows, and it is scaled by it).
         """
         timesteps, mask = check_inputs(xt, timesteps, mask, self.n_timestep, self.dtype)
-        out = self(Rigid(frenet_frames(xt, mask), xt), timesteps, mask)
+        out = self(Rigid(frenet_frames(xt, mask), xt), timesteps, mask, padded_length=padded_length)
         return xt - out.trans
 
 

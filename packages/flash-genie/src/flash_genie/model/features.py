@@ -30,13 +30,17 @@ class SingleFeatureNet(nn.Module):
         self.c_timestep_emb = c_timestep_emb
         self.linear = nn.Linear(c_pos_emb + c_timestep_emb, c_s)
 
-    def forward(self, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``timesteps`` ``[B]`` int, ``mask`` ``[B, N]`` -> single features ``[B, N, c_s]``."""
+    def forward(self, timesteps: torch.Tensor, mask: torch.Tensor, padded_length: int | None = None) -> torch.Tensor:
+        """``timesteps`` ``[B]`` int, ``mask`` ``[B, N]`` -> single features ``[B, N, c_s]``.
+
+        ``padded_length`` (default ``N``) is the length the chains count as padded to,
+        for Genie's encoding scale: the first ``N`` positions of a batch padded to
+        ``padded_length`` get exactly these features."""
         batch, n_res = mask.shape
         dtype = self.linear.weight.dtype
         m = mask.to(dtype).unsqueeze(-1)
         pos = torch.arange(n_res, device=mask.device)
-        scale = n_res if self.position_scale is None else self.position_scale
+        scale = (padded_length or n_res) if self.position_scale is None else self.position_scale
         pos_emb = sinusoidal_encoding(pos, scale, self.c_pos_emb, dtype).expand(batch, -1, -1)
         time_emb = sinusoidal_encoding(timesteps, self.n_timestep, self.c_timestep_emb, dtype)
         time_emb = time_emb.unsqueeze(1).expand(-1, n_res, -1)

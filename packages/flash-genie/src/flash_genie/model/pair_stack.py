@@ -22,6 +22,9 @@ from genie_tk import (
     TriangleMultiplicationOutgoing,
 )
 
+#: Elements of the transition's hidden layer per block in inference (1 MiB of float32).
+_CACHE_ELEMENTS = 1 << 18
+
 
 class PairTransition(nn.Module):
     """AF2 Algorithm 15 with the output masked: ``(Linear(ReLU(Linear(LN(z))))) · m``."""
@@ -39,9 +42,18 @@ class PairTransition(nn.Module):
         backward (:func:`~flash_genie.model.chunking.chunked`), so the ``4·C``-wide
         hidden layer exists for one block at a time.
         """
-        if chunk_size is None:
+        if chunk_size is not None:
+            return chunked(self._update, (z, mask), params=tuple(self.parameters()), chunk_size=chunk_size)
+        if torch.is_grad_enabled() and (z.requires_grad or self.linear_1.weight.requires_grad):
             return self._update(z, mask)
-        return chunked(self._update, (z, mask), params=tuple(self.parameters()), chunk_size=chunk_size)
+        # Inference: blocks of rows whose hidden layer stays in cache between the passes.
+        rows = max(1, _CACHE_ELEMENTS // max(1, z.shape[0] * z.shape[2] * self.linear_1.out_features))
+        if rows >= z.shape[1]:
+            return self._update(z, mask)
+        out = torch.empty_like(z)
+        for i0 in range(0, z.shape[1], rows):
+            out[:, i0 : i0 + rows] = self._update(z[:, i0 : i0 + rows], mask[:, i0 : i0 + rows])
+        return out
 
     def _update(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         z = self.linear_2(torch.relu(self.linear_1(self.layer_norm(z))))
