@@ -265,7 +265,9 @@ def test_registered_unverified_and_reported():
         assert kernel.check is check and kernel.verified is False
     info = genie_tk.backends()["triton"]
     assert info["available"] and info["interpreter"]
-    assert info["ops"]["triangle_attention"] == {"verified": False}
+    assert info["ops"]["triangle_attention"]["verified"] is False
+    assert "never run on a GPU" in info["ops"]["triangle_attention"]["note"]
+    assert "triangle_attention_layer" in info["note"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
