@@ -50,8 +50,10 @@ pytestmark = pytest.mark.skipif(not _backend.triton_interpreted(),
                                 reason="CPU tests of the triton kernels need TRITON_INTERPRET=1 (set by conftest without a GPU)")
 
 ORACLE_INF = 1e30
-# Absolute slack for errors at rounding level in both backends.
-FLOOR = {torch.float32: 1e-8, torch.bfloat16: 1e-5}
+# Slack for errors at rounding level in both backends: four float32 ulps (relative). The
+# kernels accumulate in float32, so no result is closer than that to float64; the torch
+# backend's plain path at these small N can be (its reductions sum pairwise).
+FLOOR = {torch.float32: 4 * torch.finfo(torch.float32).eps, torch.bfloat16: 1e-5}
 # Where the exact result is zero (dq, dk, dbias at N = 1, where the softmax has a single
 # key), rel() is the absolute error: torch's happens to cancel exactly, the kernels'
 # delta = rowsum(dO·O) and dO·v sum in different orders and leave fp32 rounding.

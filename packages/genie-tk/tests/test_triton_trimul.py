@@ -114,12 +114,18 @@ def errors(result, ref):
     return errs
 
 
+# Slack at rounding level: four float32 ulps (relative). The kernels accumulate in float32, so
+# no result comes closer than that to float64; the torch backend's plain path at these small N
+# can (its reductions sum pairwise).
+ROUNDING = 4 * torch.finfo(torch.float32).eps
+
+
 def assert_within_twice_torch(result, torch_result, ref):
     """The flash-attention rule for the output and every gradient (NaN fails it)."""
     got, base = errors(result, ref), errors(torch_result, ref)
     for k in got:
         print(f"{k:>24}: triton {got[k]:.2e}  torch {base[k]:.2e}")
-    bad = {k: (got[k], base[k]) for k in got if not got[k] <= 2 * base[k] + 1e-7}
+    bad = {k: (got[k], base[k]) for k in got if not got[k] <= 2 * base[k] + ROUNDING}
     assert not bad, f"over 2x the torch backend's error: {bad}"
 
 
