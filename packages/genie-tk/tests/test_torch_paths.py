@@ -92,3 +92,25 @@ def test_trimul_inference_row_blocks(monkeypatch, cls):
         chunked = module(z, mask=mask, inplace_safe=True, _inplace_chunk_size=4)
     assert rel(blocked, whole) <= 1e-15 and rel(chunked, whole) <= 1e-15  # a GEMM's blocking: last bits
     assert rel(whole, expected) <= 1e-14
+
+
+def test_float16_attention_takes_the_chunked_path_and_stays_finite():
+    """The plain path's mask bias is -inf in float16 (a fully masked row turns NaN), so
+    float16 attention, as input dtype or under autocast, always runs chunked."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 3, 2, 6, 16, dtype=torch.float16)
+    mask = torch.ones(1, 3, 6)
+    mask[:, 1] = 0  # a fully masked row
+    out = genie_tk.triangle_attention(q, q, q, torch.zeros(1, 2, 6, 6, dtype=torch.float16), mask, backend="torch")
+    assert torch_backend.last_path("triangle_attention") == "efficient"
+    assert torch.isfinite(out).all()
+    module = build(genie_tk.TriangleAttentionStartingNode, 8, 16, 2, seed=0, dtype=torch.float32)
+    z = torch.randn(1, 6, 6, 8)
+    zmask = torch.ones(1, 6, 6)
+    zmask[:, 2] = 0
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = module(z, zmask)
+    assert torch_backend.last_path("triangle_attention_layer") == "efficient"
+    assert torch.isfinite(out).all()
+    module(z, zmask)  # float32 at this size: the plain path
+    assert torch_backend.last_path("triangle_attention_layer") == "plain"

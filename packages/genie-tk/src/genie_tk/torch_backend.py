@@ -54,12 +54,14 @@ def last_path(op: str) -> str | None:
     return _PATH.get(op)
 
 
-def plain(op: str, working_bytes: int, chunk_size: int | None, grad: bool = False) -> bool:
+def plain(op: str, working_bytes: int, chunk_size: int | None, grad: bool = False,
+          float16: bool = False) -> bool:
     """Whether the torch backend runs ``op`` as the plain reference computation: only
-    when no ``chunk_size`` is asked for and the working set is at most ``PLAIN_BYTES``
-    (the training entry for the tri-mul when ``grad``); records the choice."""
+    when no ``chunk_size`` is asked for, the working set is at most ``PLAIN_BYTES``
+    (the training entry for the tri-mul when ``grad``) and, for attention, it does not
+    compute in ``float16`` (see :func:`_computes_in_float16`); records the choice."""
     key = op + "_grad" if grad and op + "_grad" in PLAIN_BYTES else op
-    choice = chunk_size is None and working_bytes <= PLAIN_BYTES[key]
+    choice = not float16 and chunk_size is None and working_bytes <= PLAIN_BYTES[key]
     _PATH[op] = "plain" if choice else "efficient"
     return choice
 
@@ -121,6 +123,17 @@ def attention_chunk_backward(p, qs, k, v, do, q_scale):
     return (ds @ k).mul_(q_scale), ds.transpose(-1, -2) @ qs, dv, dbias
 
 
+def _computes_in_float16(t: torch.Tensor) -> bool:
+    """Whether attention on ``t`` would run in float16 (its dtype, or float16 autocast on its
+    device): the plain path's mask bias ``inf·(mask − 1)`` is ``-inf`` there and a fully
+    masked row turns NaN, so float16 always takes the chunked path, which keeps that bias in
+    float32."""
+    if t.dtype == torch.float16:
+        return True
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+
+
 def _mask_bias(mask: torch.Tensor | None, inf: float, dtype: torch.dtype) -> torch.Tensor | None:
     return None if mask is None else inf * (mask.to(dtype) - 1)
 
@@ -131,7 +144,7 @@ def triangle_attention(q, k, v, bias, mask, scale, inf, chunk_size):
 
     b, n_i, h, n_j, _ = q.shape
     logits = b * n_i * h * n_j * k.shape[-2] * acc_dtype(q.dtype).itemsize
-    if plain("triangle_attention", logits, chunk_size):
+    if plain("triangle_attention", logits, chunk_size, float16=_computes_in_float16(q)):
         return reference.triangle_attention(q, k, v, bias, mask, scale, inf)
     return TriangleAttentionCore.apply(q, k, v, bias, mask, scale, inf, chunk_size)
 
@@ -307,7 +320,7 @@ def triangle_attention_layer(z, mask, weights, inf, eps, chunk_size, transpose_b
     b, n_i, n_j, _ = z.shape
     n_h = weights[2].shape[0]
     logits = b * n_i * n_h * n_j * n_j * acc_dtype(z.dtype).itemsize
-    if plain("triangle_attention_layer", logits, chunk_size):
+    if plain("triangle_attention_layer", logits, chunk_size, float16=_computes_in_float16(z)):
         params = dict(zip(reference.ATTENTION_KEYS, weights))
         return reference.triangle_attention_layer(z, mask, params, n_h, True, inf, eps, transpose_bias)
     return TriangleAttentionLayer.apply(z, mask, *weights, inf, eps, chunk_size, transpose_bias)
