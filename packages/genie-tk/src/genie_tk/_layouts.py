@@ -2,9 +2,7 @@
 
 * :class:`GatedAttention`: the ``mha.*`` parameters of a triangle attention layer
   whose linears may have no biases;
-* :func:`attention_layer` and :func:`trimul`: a layer's forward as one call of
-  :func:`genie_tk.triangle_attention_layer` / :func:`genie_tk.triangle_multiplicative_update`
-  (so every backend serves every layout);
+* :func:`stacked`: two linears as one stacked projection;
 * :func:`patch` and :func:`replace_modules`: swap another project's layer classes
   for genie-tk's before a model is built, or its layer modules for genie-tk's in a
   built model, keeping the parameters.
@@ -20,7 +18,6 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from genie_tk import ops
 from genie_tk.modules import Linear
 
 # Where another project defines a class (module, class name) -> the genie-tk class.
@@ -56,40 +53,6 @@ class GatedAttention(nn.Module):
         self.linear_g = linear(c_q, width, *specs["linear_g"])
 
 
-def attention_layer(
-    layer: nn.Module,
-    x: torch.Tensor,
-    mask: torch.Tensor | None,
-    bias_weight: torch.Tensor,
-    chunk_size: int | None,
-    transpose_bias: bool = False,
-) -> torch.Tensor:
-    """Forward of a triangle attention ``layer`` (``layer_norm``, ``mha`` of
-    :class:`GatedAttention`, ``starting``, ``inf``, ``backend``) with triangle-bias
-    projection ``bias_weight``."""
-    mha = layer.mha
-    return ops.triangle_attention_layer(
-        x,
-        mask,
-        layer_norm_weight=layer.layer_norm.weight,
-        layer_norm_bias=layer.layer_norm.bias,
-        bias_weight=bias_weight,
-        q_weight=mha.linear_q.weight,
-        k_weight=mha.linear_k.weight,
-        v_weight=mha.linear_v.weight,
-        gate_weight=mha.linear_g.weight,
-        gate_bias=mha.linear_g.bias,
-        out_weight=mha.linear_o.weight,
-        out_bias=mha.linear_o.bias,
-        starting=layer.starting,
-        transpose_bias=transpose_bias,
-        inf=layer.inf,
-        eps=layer.layer_norm.eps,
-        chunk_size=chunk_size,
-        backend=layer.backend,
-    )
-
-
 def stacked(first: nn.Linear, second: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight and bias of the two linears as one ``[2·Ch, C]`` projection (a rows, then b)."""
     weight = torch.cat([first.weight, second.weight])
@@ -97,42 +60,6 @@ def stacked(first: nn.Linear, second: nn.Linear) -> tuple[torch.Tensor, torch.Te
         return weight, None
     biases = [lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias for lin in (first, second)]
     return weight, torch.cat(biases)
-
-
-def trimul(
-    z: torch.Tensor,
-    mask: torch.Tensor | None,
-    outgoing: bool,
-    norm_in: nn.LayerNorm,
-    p_in: tuple[torch.Tensor, torch.Tensor | None],
-    g_in: tuple[torch.Tensor, torch.Tensor | None],
-    norm_out: nn.LayerNorm,
-    p_out: nn.Linear,
-    g_out: nn.Linear,
-    chunk_size: int | None,
-    backend: str | None,
-) -> torch.Tensor:
-    """A tri-mul layer's forward from its parts (``p_in``, ``g_in``: stacked ``(weight, bias)``)."""
-    return ops.triangle_multiplicative_update(
-        z,
-        mask,
-        "outgoing" if outgoing else "incoming",
-        norm_in_weight=norm_in.weight,
-        norm_in_bias=norm_in.bias,
-        p_in_weight=p_in[0],
-        p_in_bias=p_in[1],
-        g_in_weight=g_in[0],
-        g_in_bias=g_in[1],
-        norm_out_weight=norm_out.weight,
-        norm_out_bias=norm_out.bias,
-        p_out_weight=p_out.weight,
-        p_out_bias=p_out.bias,
-        g_out_weight=g_out.weight,
-        g_out_bias=g_out.bias,
-        eps=norm_in.eps,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
 
 
 def _originals(project: str, table: ClassTable) -> dict[int, tuple[type, type]]:

@@ -38,7 +38,7 @@ from functools import partialmethod
 import torch
 from torch import nn
 
-from genie_tk import _layouts
+from genie_tk import _layouts, modules
 
 
 class _TriangleMultiplication(nn.Module):
@@ -59,7 +59,7 @@ class _TriangleMultiplication(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, use_kernels: bool = False) -> torch.Tensor:
         """``x``: ``[B, N, N, D]``; ``mask``: ``[B, N, N]``; returns ``[B, N, N, D]``.
         ``use_kernels`` is ignored (see the module docstring)."""
-        return _layouts.trimul(
+        return modules.trimul(
             x, mask, self._outgoing, self.norm_in, (self.p_in.weight, None), (self.g_in.weight, None),
             self.norm_out, self.p_out, self.g_out, None, self.backend,
         )
@@ -111,7 +111,7 @@ class TriangleAttention(nn.Module):
     ) -> torch.Tensor:
         """``x``: ``[*, I, J, C]``; ``mask``: ``[*, I, J]`` or ``None``; returns ``[*, I, J, C]``.
         ``chunk_size`` bounds the rows computed at once; ``use_kernels`` is ignored."""
-        return _layouts.attention_layer(self, x, mask, self.linear.weight, chunk_size)
+        return modules.attention_layer(self, x, mask, self.linear.weight, chunk_size)
 
 
 TriangleAttentionStartingNode = TriangleAttention

@@ -66,6 +66,76 @@ class Linear(nn.Linear):
                 self.bias.fill_(1.0 if init == "gating" else 0.0)
 
 
+def attention_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias_weight: torch.Tensor,
+    chunk_size: int | None,
+    transpose_bias: bool = False,
+) -> torch.Tensor:
+    """Forward of a triangle attention ``layer`` (``layer_norm``, ``mha`` of
+    :class:`Attention` or :class:`genie_tk._layouts.GatedAttention`, ``starting``, ``inf``, ``backend``) with triangle-bias
+    projection ``bias_weight``."""
+    mha = layer.mha
+    return ops.triangle_attention_layer(
+        x,
+        mask,
+        layer_norm_weight=layer.layer_norm.weight,
+        layer_norm_bias=layer.layer_norm.bias,
+        bias_weight=bias_weight,
+        q_weight=mha.linear_q.weight,
+        k_weight=mha.linear_k.weight,
+        v_weight=mha.linear_v.weight,
+        gate_weight=mha.linear_g.weight,
+        gate_bias=mha.linear_g.bias,
+        out_weight=mha.linear_o.weight,
+        out_bias=mha.linear_o.bias,
+        starting=layer.starting,
+        transpose_bias=transpose_bias,
+        inf=layer.inf,
+        eps=layer.layer_norm.eps,
+        chunk_size=chunk_size,
+        backend=layer.backend,
+    )
+
+
+def trimul(
+    z: torch.Tensor,
+    mask: torch.Tensor | None,
+    outgoing: bool,
+    norm_in: nn.LayerNorm,
+    p_in: tuple[torch.Tensor, torch.Tensor | None],
+    g_in: tuple[torch.Tensor, torch.Tensor | None],
+    norm_out: nn.LayerNorm,
+    p_out: nn.Linear,
+    g_out: nn.Linear,
+    chunk_size: int | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """A tri-mul layer's forward from its parts (``p_in``, ``g_in``: stacked ``(weight, bias)``)."""
+    return ops.triangle_multiplicative_update(
+        z,
+        mask,
+        "outgoing" if outgoing else "incoming",
+        norm_in_weight=norm_in.weight,
+        norm_in_bias=norm_in.bias,
+        p_in_weight=p_in[0],
+        p_in_bias=p_in[1],
+        g_in_weight=g_in[0],
+        g_in_bias=g_in[1],
+        norm_out_weight=norm_out.weight,
+        norm_out_bias=norm_out.bias,
+        p_out_weight=p_out.weight,
+        p_out_bias=p_out.bias,
+        g_out_weight=g_out.weight,
+        g_out_bias=g_out.bias,
+        eps=norm_in.eps,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+
+
 class Attention(nn.Module):
     """The gated multi-head attention parameters of OpenFold's ``Attention`` (``mha.*`` keys).
 
@@ -127,26 +197,7 @@ class TriangleAttention(nn.Module):
         ``use_lma``) and ``inplace_safe`` are accepted for compatibility: every
         genie-tk backend computes the same function memory-efficiently.
         """
-        mha = self.mha
-        return ops.triangle_attention_layer(
-            x,
-            mask,
-            layer_norm_weight=self.layer_norm.weight,
-            layer_norm_bias=self.layer_norm.bias,
-            bias_weight=self.linear.weight,
-            q_weight=mha.linear_q.weight,
-            k_weight=mha.linear_k.weight,
-            v_weight=mha.linear_v.weight,
-            gate_weight=mha.linear_g.weight,
-            gate_bias=mha.linear_g.bias,
-            out_weight=mha.linear_o.weight,
-            out_bias=mha.linear_o.bias,
-            starting=self.starting,
-            inf=self.inf,
-            eps=self.layer_norm.eps,
-            chunk_size=chunk_size,
-            backend=self.backend,
-        )
+        return attention_layer(self, x, mask, self.linear.weight, chunk_size)
 
 
 TriangleAttentionStartingNode = TriangleAttention
@@ -193,26 +244,8 @@ class _TriangleMultiplicationBase(nn.Module, abc.ABC):
         if inplace_safe:
             ops.check_chunk_size(_inplace_chunk_size, "_inplace_chunk_size")
         p_w, p_b, g_w, g_b = self._input_projections()
-        out = ops.triangle_multiplicative_update(
-            z,
-            mask,
-            "outgoing" if self._outgoing else "incoming",
-            norm_in_weight=self.layer_norm_in.weight,
-            norm_in_bias=self.layer_norm_in.bias,
-            p_in_weight=p_w,
-            p_in_bias=p_b,
-            g_in_weight=g_w,
-            g_in_bias=g_b,
-            norm_out_weight=self.layer_norm_out.weight,
-            norm_out_bias=self.layer_norm_out.bias,
-            p_out_weight=self.linear_z.weight,
-            p_out_bias=self.linear_z.bias,
-            g_out_weight=self.linear_g.weight,
-            g_out_bias=self.linear_g.bias,
-            eps=self.layer_norm_in.eps,
-            chunk_size=_inplace_chunk_size if inplace_safe else None,
-            backend=self.backend,
-        )
+        out = trimul(z, mask, self._outgoing, self.layer_norm_in, (p_w, p_b), (g_w, g_b), self.layer_norm_out,
+                     self.linear_z, self.linear_g, _inplace_chunk_size if inplace_safe else None, self.backend)
         if inplace_safe and _add_with_inplace:
             return z.add_(out)
         return out

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from genie_tk import _layouts
+from genie_tk import _layouts, modules
 
 _MHA = ("linear_q", "linear_k", "linear_v", "linear_o", "linear_g")
 
@@ -132,7 +132,7 @@ class TriangleAttention(nn.Module):
         ``transpose_bias`` as in OpenFold3; ``chunk_size`` bounds the rows computed
         at once; the kernel switches and ``inplace_safe`` are accepted and ignored.
         """
-        return _layouts.attention_layer(self, x, mask, self.linear_z.weight, chunk_size, transpose_bias)
+        return modules.attention_layer(self, x, mask, self.linear_z.weight, chunk_size, transpose_bias)
 
 
 TriangleAttentionStartingNode = TriangleAttention
@@ -181,7 +181,7 @@ class _TriangleMultiplication(nn.Module):
         """
         inplace_safe = inplace_safe and not use_cueq_triangle_kernels
         p_in, g_in = self._input_projections()
-        out = _layouts.trimul(
+        out = modules.trimul(
             z, mask, self._outgoing, self.layer_norm_in, p_in, g_in, self.layer_norm_out,
             self.linear_z, self.linear_g, _inplace_chunk_size if inplace_safe else None, self.backend,
         )

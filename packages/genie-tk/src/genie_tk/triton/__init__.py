@@ -16,7 +16,6 @@ records the op passing its GPU tests; until then ``auto`` never picks it and
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from genie_tk import _backend
 
@@ -30,10 +29,7 @@ _OPS = {
 
 def _register() -> None:
     for op, (module_name, check, run, verified) in _OPS.items():
-        name = f"{__name__}.{module_name}"
-        if importlib.util.find_spec(name) is None:
-            continue
-        module = importlib.import_module(name)
+        module = importlib.import_module(f"{__name__}.{module_name}")
         _backend.register_triton(op, _backend.Kernel(getattr(module, check), getattr(module, run), verified))
 
 
